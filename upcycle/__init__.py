@@ -1,0 +1,30 @@
+"""upcycle: turn dense Hugging Face causal language models into Mixture-of-Experts models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["Recipe", "convert", "verify", "inspect", "ConversionResult", "VerifyReport", "UpcycleError"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .convert import ConversionResult, convert
+    from .errors import UpcycleError
+    from .inspection import inspect
+    from .recipe import Recipe
+    from .verify import VerifyReport, verify
+
+_LAZY = {
+    "Recipe": ".recipe", "convert": ".convert", "ConversionResult": ".convert", "verify": ".verify",
+    "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import heavy modules (torch, transformers) only when the API is first used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'upcycle' has no attribute {name!r}")

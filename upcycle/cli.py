@@ -1,0 +1,166 @@
+"""The ``upcycle`` command line: thin click commands over the Python API.
+
+Heavy libraries (torch, transformers) are imported inside the commands so that ``upcycle --help``
+starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _user_errors(func: Callable) -> Callable:
+    """Print user mistakes as one line (no traceback) and exit non-zero; Ctrl-C leaves nothing behind."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import UpcycleError
+
+        try:
+            return func(*args, **kwargs)
+        except UpcycleError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="upcycle")
+def cli() -> None:
+    """Turn dense Hugging Face causal language models into Mixture-of-Experts models."""
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("output", type=click.Path())
+@click.option("--num-experts", "-e", type=int, help="Experts per MoE layer.  [default: 8]")
+@click.option("--top-k", "-k", type=int, help="Experts chosen per token.  [default: 2]")
+@click.option("--method", help="Expert construction (replicate).  [default: replicate]")
+@click.option("--target", help="Output architecture: auto picks the exact native one.  [default: auto]")
+@click.option("--router-init", help="Router initialisation: normal or zeros.  [default: normal]")
+@click.option("--router-std", type=float, help="Std of the normal router init.  [default: 0.02]")
+@click.option("--seed", type=int, help="Seed: same inputs and seed give byte-identical files.  [default: 0]")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Output dtype; auto keeps the source's (GGUF: float32).  [default: auto]")
+@click.option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.  [default: 5GB]")
+@click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe file (YAML/JSON); flags override it.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan without writing anything.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_user_errors
+def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_run: bool, as_json: bool,
+            quiet: bool, **options: Any) -> None:
+    """Convert the dense model SOURCE (folder, .gguf file or Hub repo id) into an MoE at OUTPUT."""
+    from .quiet import quiet_libraries
+    from .convert import convert as run_convert
+
+    if quiet:
+        quiet_libraries()
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, **options)
+    s = result.summary
+    if as_json:
+        click.echo(json.dumps({**s, "output": str(result.output) if result.output else None,
+                               "dry_run": dry_run, "files": result.files}, indent=2))
+        return
+    head = "plan (dry run, nothing written)" if dry_run else f"wrote {output}"
+    click.echo(f"{head}: {s['family']} -> {s['architecture']} ({s['target']}), method {s['method']}, "
+               f"{'exact' if s['exact'] else 'not exact'}")
+    click.echo(f"  layers: {len(s['moe_layers'])}/{s['num_layers']} MoE; experts: {s['num_experts']} x "
+               f"{s['expert_size']} (dense FFN {s['dense_ffn_size']}), top-{s['top_k']}")
+    click.echo(f"  parameters: {_human(s['total_params'])} total, {_human(s['active_params'])} active per token")
+    click.echo(f"  output: {_human(s['output_bytes'], 'B')} in {s['shards']} shard(s), dtype {s['dtype']}")
+
+
+@cli.command()
+@click.argument("dense")
+@click.argument("moe", type=click.Path())
+@click.option("--prompts", type=click.Path(), help="Text file (one prompt per line) or JSONL with 'text'.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Greedy tokens to compare.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Precision both models run in.")
+@click.option("--atol", type=float, help="Largest |Δlogit| that passes for an exact recipe.  [default: 1e-3 at fp32]")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_user_errors
+def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype: str, atol: float | None,
+           device: str, as_json: bool, quiet: bool) -> None:
+    """Check that MOE computes what DENSE computed: max |Δlogit|, mean KL, greedy agreement.
+
+    Exits 1 when MOE's recipe claims exactness and the logits differ by more than --atol.
+    """
+    from .quiet import quiet_libraries
+    from .verify import read_prompts
+    from .verify import verify as run_verify
+
+    quiet_libraries(progress=not quiet)
+    report = run_verify(dense, moe, read_prompts(prompts) if prompts else None, max_new_tokens=max_new_tokens,
+                        dtype=dtype, atol=atol, device=device, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        verdict = ("PASS (exact)" if report.passed else "FAIL: exact recipe but logits differ") \
+            if report.exact_expected else "measured (recipe is not exact by design)"
+        click.echo(f"{verdict}\n  max |Δlogit|: {report.max_abs_logit_diff:.3g} (atol {report.atol:g}, "
+                   f"{report.dtype})\n  mean KL: {report.mean_kl:.3g}\n  greedy: {report.greedy_match:.0%} of "
+                   f"{report.num_prompts} prompts identical over {report.max_new_tokens} tokens "
+                   f"({report.greedy_token_agreement:.0%} of tokens)")
+    if not report.passed:
+        sys.exit(1)
+
+
+@cli.command(name="inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@_user_errors
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Describe the MoE checkpoint at PATH: layers, experts, parameters, bytes, recipe."""
+    from .inspection import inspect as run_inspect
+
+    info = run_inspect(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    moe = info["moe_layers"]
+    click.echo(f"{info['path']}: {info['architecture']} ({info['model_type']})"
+               + (f", upcycled from {info['source']} ({info['family']})" if info["source"] else ""))
+    click.echo(f"  layers: {len(moe)}/{info['num_layers']} MoE {moe if len(moe) != info['num_layers'] else '(all)'}")
+    click.echo(f"  experts: {info['num_experts']} x {info['expert_size']}, top-{info['top_k']}")
+    click.echo(f"  parameters: {_human(info['total_params'])} total, {_human(info['active_params'])} active per token")
+    click.echo(f"  on disk: {_human(info['bytes_on_disk'], 'B')}, dtype {info['dtype']}")
+    if info["recipe"]:
+        r = info["recipe"]
+        click.echo(f"  recipe: method {r['method']}, router {r['router_init']}, seed {r['seed']}, "
+                   f"{'exact' if info['exact'] else 'not exact'}")
+    if info.get("note"):
+        click.echo(f"  note: {info['note']}")
+
+
+def main() -> None:
+    cli(prog_name="upcycle")

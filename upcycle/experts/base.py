@@ -1,0 +1,56 @@
+"""Expert methods: how one dense FFN becomes a set of experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """One expert as a view of the dense FFN: which neurons it keeps and how its down projection is scaled.
+
+    ``neurons`` of None means every neuron in the dense order.
+    """
+
+    neurons: Optional[torch.Tensor] = None
+    down_scale: float = 1.0
+
+    def width(self, dense_size: int) -> int:
+        return dense_size if self.neurons is None else int(self.neurons.numel())
+
+
+@dataclass
+class LayerExperts:
+    """The experts of one MoE layer, plus the virtual group of each (experts of one group share a router row)."""
+
+    experts: list[ExpertSlice]
+    groups: list[int]
+    shared: Optional[ExpertSlice] = None
+    exact: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may look at: sizes, the recipe and a seeded generator for this layer."""
+
+    layer: int
+    dense_size: int
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    generator: torch.Generator
+    options: dict
+
+
+@dataclass(frozen=True)
+class ExpertMethod:
+    """A named expert construction. ``exact`` says whether it preserves the dense function."""
+
+    name: str
+    exact: bool
+    build: Callable[[MethodContext], LayerExperts]
+    description: str = ""

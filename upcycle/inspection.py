@@ -1,0 +1,76 @@
+"""Describe an MoE checkpoint from its config and safetensors headers, without loading weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceNotFoundError
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_EXPERT_SIZE_KEYS = ("moe_intermediate_size", "intermediate_size")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise SourceNotFoundError(f"{folder}: no model.safetensors or index; inspect reads safetensors checkpoints")
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Family, target, MoE layers, experts, top-k, parameter counts, bytes on disk and recipe of a checkpoint."""
+    from .io.safetensors_format import numel, read_header
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise SourceNotFoundError(f"{path}: not a model folder (no config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    recipe_path = folder / "upcycle_recipe.json"
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
+    num_experts = next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None)
+    top_k = config.get("num_experts_per_tok")
+
+    total, routed = 0, {}
+    for file in _weight_files(folder):
+        for name, info in read_header(file)[0].items():
+            n = numel(info.shape)
+            total += n
+            layer = _LAYER.search(name)
+            if layer and (_EXPERT.search(name) or _FUSED.search(name)):
+                routed[int(layer.group(1))] = routed.get(int(layer.group(1)), 0) + n
+    active = total
+    if num_experts and top_k:
+        active = total - sum(routed.values()) + sum(n * top_k // num_experts for n in routed.values())
+    provenance = (recipe or {}).get("upcycle", {})
+    report = {
+        "path": str(folder),
+        "model_type": config.get("model_type"),
+        "architecture": (config.get("architectures") or [None])[0],
+        "family": provenance.get("family"),
+        "source": provenance.get("source"),
+        "num_layers": config.get("num_hidden_layers"),
+        "moe_layers": sorted(routed),
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "expert_size": next((config[k] for k in _EXPERT_SIZE_KEYS if config.get(k)), None),
+        "total_params": total,
+        "active_params": active,
+        "bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "exact": provenance.get("exact"),
+        "recipe": {k: v for k, v in recipe.items() if k != "upcycle"} if recipe else None,
+    }
+    if recipe and recipe.get("method") == "replicate":
+        report["note"] = ("experts are identical copies: the language-model loss gives the router no gradient "
+                          "at first; fine-tune with a load-balancing loss (or use noise / drop methods) to "
+                          "let experts specialise")
+    return report

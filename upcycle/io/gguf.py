@@ -1,0 +1,99 @@
+"""GGUF files, dequantised one tensor at a time through transformers' GGUF support.
+
+transformers maps GGUF tensor names to its own and undoes llama.cpp's q/k permutation; it loads
+every tensor at once, so we reuse its name map and tensor processors but dequantise lazily from
+the memory-mapped file. Tensors come out as float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
+from .safetensors_format import TensorInfo
+from .source import DenseSource
+
+
+class GGUFSource(DenseSource):
+    """A ``.gguf`` file; needs the ``gguf`` package."""
+
+    def __init__(self, path: Path, spec: str | None = None):
+        self.file = Path(path)
+        self.folder = self.file.parent
+        self.spec = spec or str(path)
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise UnsupportedArchitectureError("reading .gguf files needs the gguf package: pip install gguf") from None
+        try:
+            self._reader = GGUFReader(self.file)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+            raise CorruptCheckpointError(f"{self.file}: cannot be read as GGUF ({exc})") from None
+        self._config = self.load_config()
+        self._build_name_map()
+
+    def load_config(self) -> Any:
+        from transformers import AutoConfig
+
+        if getattr(self, "_config", None) is not None:
+            return self._config
+        try:
+            return AutoConfig.from_pretrained(self.folder, gguf_file=self.file.name)
+        except ValueError as exc:
+            raise UnsupportedArchitectureError(f"{self.file}: {exc}") from None
+
+    def _build_name_map(self) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
+
+        architecture = read_field(self._reader, "general.architecture")[0]
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self._config.to_dict())
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self._config)
+        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        gguf_to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
+        self._tensors: dict[str, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for tensor in self._reader.tensors:
+            hf_name = gguf_to_hf.get(tensor.name)
+            if hf_name is None or hf_name not in shapes:
+                continue
+            self._tensors[hf_name] = tensor
+            self._infos[hf_name] = TensorInfo(self.file, torch.float32, shapes[hf_name])
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def read(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        tensor = self._tensors[name]
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping={},
+                                         parsed_parameters={"config": self._config.to_dict(), "tensors": {}})
+        out = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+        return out.reshape(self._infos[name].shape)
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        return {"pretrained_model_name_or_path": str(self.folder), "gguf_file": self.file.name}
+
+    def save_tokenizer(self, dest: Path) -> list[str]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file.name)
+        return [Path(p).name for p in tokenizer.save_pretrained(dest)]
+
+    def generation_config(self, config: Any) -> Any:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_model_config(config)

@@ -1,0 +1,243 @@
+"""Planning a conversion: every output tensor's name, shape, dtype and recipe, before any data is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import CorruptCheckpointError, RecipeError
+from .experts import ExpertSlice, LayerExperts, MethodContext, get_method
+from .families import PROJECTIONS, DenseFamily, family_for_model_type
+from .io.safetensors_format import TensorInfo, TensorSpec
+from .recipe import Recipe
+from .routers import RouterContext, get_router_init
+from .targets import MoeTarget, choose_target
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class SourceCache:
+    """Holds the most recent dense tensor (and its casts) so that every expert copy reads it once."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor]):
+        self._read = read
+        self._key: Optional[str] = None
+        self._versions: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if key != self._key:
+            self._versions = {}
+            raw = self._read(key)
+            self._key, self._versions[raw.dtype] = key, raw
+            self._raw_dtype = raw.dtype
+        dtype = dtype or self._raw_dtype
+        if dtype not in self._versions:
+            self._versions[dtype] = self._versions[self._raw_dtype].to(dtype)
+        return self._versions[dtype]
+
+
+@dataclass
+class OutTensor:
+    """One output tensor: its spec, the dense tensor it derives from (if any) and how to make it."""
+
+    spec: TensorSpec
+    source: Optional[str]
+    make: Callable[[SourceCache], torch.Tensor]
+    expert_of: Optional[int] = None  # layer index when the tensor belongs to a routed expert
+
+
+@dataclass
+class ConversionPlan:
+    """The resolved conversion: models, layers, experts and the ordered list of output tensors."""
+
+    recipe: Recipe
+    family: DenseFamily
+    target: MoeTarget
+    dense_config: dict[str, Any]
+    hidden_size: int
+    dense_size: int
+    num_layers: int
+    moe_layers: list[int]
+    layers: dict[int, LayerExperts]
+    dtype_name: str
+    shared_size: int = 0
+    tensors: list[OutTensor] = field(default_factory=list)
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.layers]
+
+    @property
+    def expert_size(self) -> int:
+        widths = {e.width(self.dense_size) for layer in self.layers.values() for e in layer.experts}
+        if len(widths) != 1:
+            raise RecipeError(f"the target {self.target.name} needs experts of one width, got {sorted(widths)}")
+        return widths.pop()
+
+    @property
+    def exact(self) -> bool:
+        method_exact = get_method(self.recipe.method).exact
+        return method_exact and self.target.renormalises_top_k and all(l.exact for l in self.layers.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.spec.nbytes // t.spec.dtype.itemsize for t in self.tensors)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters used per token: everything but the routed experts, plus top-k of them per layer."""
+        per_layer: dict[int, int] = {}
+        for t in self.tensors:
+            if t.expert_of is not None:
+                per_layer[t.expert_of] = per_layer.get(t.expert_of, 0) + t.spec.nbytes // t.spec.dtype.itemsize
+        routed = sum(per_layer.values())
+        active_routed = sum(n * self.recipe.top_k // self.recipe.num_experts for n in per_layer.values())
+        return self.total_params - routed + active_routed
+
+    def summary(self) -> dict[str, Any]:
+        from .io.writer import output_bytes, split_into_shards
+        from .recipe import parse_size
+
+        shards = split_into_shards([t.spec for t in self.tensors], parse_size(self.recipe.max_shard_size))
+        return {
+            "family": self.family.name,
+            "target": self.target.name,
+            "architecture": self.target.config_class.replace("Config", "ForCausalLM"),
+            "method": self.recipe.method,
+            "exact": self.exact,
+            "num_layers": self.num_layers,
+            "moe_layers": self.moe_layers,
+            "num_experts": self.recipe.num_experts,
+            "top_k": self.recipe.top_k,
+            "dense_ffn_size": self.dense_size,
+            "expert_size": self.expert_size,
+            "dtype": self.dtype_name,
+            "total_params": self.total_params,
+            "active_params": self.active_params,
+            "output_bytes": output_bytes(shards),
+            "shards": len(shards),
+        }
+
+
+def zeros_tensor(name: str, shape: tuple[int, ...], plan: ConversionPlan) -> OutTensor:
+    """A generated all-zero tensor in the output dtype."""
+    dtype = DTYPES.get(plan.dtype_name, torch.float32)
+    return OutTensor(TensorSpec(name, tuple(shape), dtype), None, lambda cache: torch.zeros(shape, dtype=dtype))
+
+
+def _layer_generator(seed: int, layer: int, stream: int) -> torch.Generator:
+    """Independent, reproducible random stream per (seed, layer, purpose)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer * 17 + stream)
+
+
+def _output_dtype(recipe: Recipe, infos: dict[str, TensorInfo]) -> str:
+    if recipe.dtype != "auto":
+        return recipe.dtype
+    counts: dict[torch.dtype, int] = {}
+    for info in infos.values():
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+    names = {v: k for k, v in DTYPES.items()}
+    return names.get(max(counts, key=counts.get), "float32") if counts else "float32"
+
+
+def _expert_maker(key: str, proj: str, sl: ExpertSlice, dtype: torch.dtype) -> Callable[[SourceCache], torch.Tensor]:
+    def make(cache: SourceCache) -> torch.Tensor:
+        if sl.neurons is None and sl.down_scale == 1.0:
+            return cache.get(key, dtype)
+        tensor = cache.get(key, torch.float32)
+        if sl.neurons is not None:
+            tensor = tensor.index_select(1 if proj == "down" else 0, sl.neurons)
+        if proj == "down" and sl.down_scale != 1.0:
+            tensor = tensor * sl.down_scale
+        return tensor.to(dtype).contiguous()
+
+    return make
+
+
+def _expert_shape(info: TensorInfo, proj: str, width: int) -> tuple[int, ...]:
+    rows, cols = info.shape
+    return (rows, width) if proj == "down" else (width, cols)
+
+
+def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype) -> list[OutTensor]:
+    """Router, routed experts (projection by projection, so each dense matrix is read once) and extras."""
+    target, family, experts = plan.target, plan.family, plan.layers[layer]
+    init = get_router_init(plan.recipe.router_init)
+    ctx = RouterContext(layer, plan.hidden_size, experts.groups, _layer_generator(plan.recipe.seed, layer, 1),
+                        plan.recipe.router_std)
+    out = [OutTensor(TensorSpec(target.router_tensor_name(layer), (len(experts.experts), plan.hidden_size), dtype),
+                     None, lambda cache, ctx=ctx: init.build(ctx).to(dtype))]
+    for proj in PROJECTIONS:
+        key = family.mlp_key(layer, proj)
+        for e, sl in enumerate(experts.experts):
+            shape = _expert_shape(infos[key], proj, sl.width(plan.dense_size))
+            out.append(OutTensor(TensorSpec(target.expert_tensor_name(layer, e, proj), shape, dtype), key,
+                                 _expert_maker(key, proj, sl, dtype), expert_of=layer))
+    if target.extra_layer_tensors is not None:
+        out.extend(target.extra_layer_tensors(plan, layer))
+    return out
+
+
+def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> None:
+    for layer in plan.moe_layers:
+        for proj in PROJECTIONS:
+            key = plan.family.mlp_key(layer, proj)
+            if key not in infos:
+                raise CorruptCheckpointError(f"the checkpoint has no tensor {key}; is it really a {plan.family.name} model?")
+            if plan.family.mlp_key(layer, proj, "bias") in infos:
+                raise RecipeError(f"{plan.family.mlp_key(layer, proj, 'bias')}: MLP biases are not supported by "
+                                  f"target {plan.target.name}")
+
+
+def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> ConversionPlan:
+    """Resolve family, target, experts and every output tensor. Reads no tensor data."""
+    recipe.validate()
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    family = family_for_model_type(cfg.get("model_type", ""))
+    target = choose_target(recipe.target, family, cfg)
+    method = get_method(recipe.method)
+    num_layers = family.num_layers(cfg)
+    plan = ConversionPlan(recipe=recipe, family=family, target=target, dense_config=cfg,
+                          hidden_size=int(cfg["hidden_size"]), dense_size=family.intermediate_size(cfg),
+                          num_layers=num_layers, moe_layers=list(range(num_layers)), layers={},
+                          dtype_name=_output_dtype(recipe, infos))
+    _check_mlp_tensors(plan, infos)
+    for layer in plan.moe_layers:
+        ctx = MethodContext(layer, plan.dense_size, plan.hidden_size, recipe.num_experts, recipe.top_k,
+                            _layer_generator(recipe.seed, layer, 0), recipe.extra)
+        plan.layers[layer] = method.build(ctx)
+
+    out_dtype = DTYPES[plan.dtype_name]
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    emitted: set[int] = set()
+    for key, info in infos.items():
+        if tied and key == "lm_head.weight":
+            continue
+        role = family.mlp_role(key)
+        if role is not None and role[0] in plan.layers:
+            if role[0] not in emitted:
+                emitted.add(role[0])
+                plan.tensors.extend(_moe_block(plan, role[0], infos, out_dtype))
+            continue
+        dtype = out_dtype if info.dtype.is_floating_point else info.dtype
+        plan.tensors.append(OutTensor(TensorSpec(key, info.shape, dtype), key,
+                                      lambda cache, key=key, dtype=dtype: cache.get(key, dtype)))
+    return plan
+
+
+def build_target_config(plan: ConversionPlan):
+    """The target's config: dense keys the target class knows, then the MoE keys."""
+    cls = plan.target.config_cls()
+    known = cls().to_dict()
+    skip = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "dtype",
+            "torch_dtype", "id2label", "label2id"}
+    kwargs = {k: v for k, v in plan.dense_config.items() if k in known and k not in skip}
+    kwargs.update(plan.target.config_defaults)
+    kwargs.update(plan.target.moe_config(plan))
+    config = cls(**kwargs)
+    config.architectures = [plan.target.config_class.replace("Config", "ForCausalLM")]
+    config.dtype = plan.dtype_name
+    return config

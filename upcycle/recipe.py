@@ -1,0 +1,109 @@
+"""The conversion recipe: one validated dataclass with a JSON/YAML round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import RecipeError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000`` (the transformers convention)."""
+    if isinstance(value, int):
+        size = value
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        number, unit = text, "B"
+        for suffix in sorted(_SIZE_UNITS, key=len, reverse=True):
+            if text.endswith(suffix):
+                number, unit = text[: -len(suffix)], suffix
+                break
+        try:
+            size = int(float(number) * _SIZE_UNITS[unit])
+        except ValueError:
+            raise RecipeError(f"max_shard_size: cannot read {value!r}; use a size such as 5GB or 500MB") from None
+    if size <= 0:
+        raise RecipeError(f"max_shard_size must be positive, got {value!r}")
+    return size
+
+
+@dataclass
+class Recipe:
+    """Everything that determines a conversion's output, apart from the source and output paths.
+
+    The same recipe with the same source always writes byte-identical files.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    method: str = "replicate"
+    target: str = "auto"
+    router_init: str = "normal"
+    router_std: float = 0.02
+    seed: int = 0
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    revision: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "Recipe":
+        """Check the values that need no model; raise :class:`RecipeError` with the fix."""
+        from .experts import get_method
+        from .routers import get_router_init
+
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise RecipeError(f"--num-experts must be an integer >= 1, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise RecipeError(
+                f"--top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise RecipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.router_std < 0:
+            raise RecipeError(f"--router-std must be >= 0, got {self.router_std}")
+        get_method(self.method)
+        get_router_init(self.router_init)
+        parse_size(self.max_shard_size)
+        return self
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """Build a recipe from a mapping; keys written as provenance (``upcycle``) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k.replace("-", "_"): v for k, v in data.items() if k != "upcycle"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read a recipe from a .json or .yaml file (an ``upcycle_recipe.json`` output works too)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+            raise RecipeError(f"cannot parse recipe {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {path} must hold a mapping of keys to values")
+        return cls.from_dict(data)

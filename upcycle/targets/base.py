@@ -1,0 +1,81 @@
+"""An MoE export format described as data: config class, key layout, exactness conditions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan import ConversionPlan, OutTensor
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A condition on the dense config that the target needs to reproduce the dense model exactly."""
+
+    holds: Callable[[dict[str, Any]], bool]
+    reason: str
+
+
+def no_attention_bias(cfg: dict[str, Any]) -> bool:
+    return not cfg.get("attention_bias", False)
+
+
+def no_mlp_bias(cfg: dict[str, Any]) -> bool:
+    return not cfg.get("mlp_bias", False)
+
+
+def full_rotary(cfg: dict[str, Any]) -> bool:
+    return float(cfg.get("partial_rotary_factor", 1.0) or 1.0) == 1.0
+
+
+COMMON_REQUIREMENTS = (
+    Requirement(no_mlp_bias, "the dense MLP has biases (mlp_bias=true), which {target} experts cannot hold"),
+    Requirement(full_rotary, "the dense model uses partial rotary embeddings, which {target} does not implement"),
+)
+
+
+@dataclass(frozen=True)
+class MoeTarget:
+    """A transformers MoE architecture that upcycle writes.
+
+    Keys are templates with ``{i}`` (layer), ``{e}`` (expert) and ``{proj}`` (the target's name for a
+    projection, from ``proj_names``). ``moe_config`` returns the MoE-specific config keys; the rest are
+    copied from the dense config where the target's config class knows them.
+    """
+
+    name: str
+    model_type: str
+    config_class: str
+    families: tuple[str, ...]
+    router_key: str
+    expert_key: str
+    proj_names: dict[str, str]
+    moe_config: Callable[["ConversionPlan"], dict[str, Any]]
+    requirements: tuple[Requirement, ...] = ()
+    renormalises_top_k: bool = True
+    supports_layer_subset: bool = False
+    extra_layer_tensors: Optional[Callable[["ConversionPlan", int], list["OutTensor"]]] = None
+    description: str = ""
+    config_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
+        """Why this target cannot reproduce the dense model exactly, or None when it can."""
+        if family_name not in self.families:
+            return (f"target {self.name!r} does not take the {family_name!r} family "
+                    f"(it takes: {', '.join(self.families)})")
+        for req in COMMON_REQUIREMENTS + self.requirements:
+            if not req.holds(config):
+                return req.reason.format(target=self.name)
+        return None
+
+    def expert_tensor_name(self, layer: int, expert: int, proj: str) -> str:
+        return self.expert_key.format(i=layer, e=expert, proj=self.proj_names[proj])
+
+    def router_tensor_name(self, layer: int) -> str:
+        return self.router_key.format(i=layer)
+
+    def config_cls(self):
+        import transformers
+
+        return getattr(transformers, self.config_class)

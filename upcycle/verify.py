@@ -1,0 +1,177 @@
+"""Check that an MoE computes what its dense source computed: logits, KL and greedy generations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import RecipeError, SourceNotFoundError
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Mixture-of-Experts models route each token to a few experts, which",
+    "1, 1, 2, 3, 5, 8, 13,",
+)
+DEFAULT_ATOL = {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}
+
+
+@dataclass
+class VerifyReport:
+    """The measured agreement between a dense model and its MoE."""
+
+    max_abs_logit_diff: float
+    mean_kl: float
+    greedy_match: float
+    greedy_token_agreement: float
+    exact_expected: bool
+    passed: bool
+    atol: float
+    dtype: str
+    num_prompts: int
+    max_new_tokens: int
+    per_prompt: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL with a ``text`` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"prompts file not found: {path}")
+    prompts = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompts.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError):
+                raise RecipeError(f"{path}: each JSONL line needs a 'text' field") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise RecipeError(f"prompts file {path} is empty")
+    return prompts
+
+
+def _load_tokenizer(moe_path: Path, dense_src):
+    """The MoE's tokenizer, else the dense model's, else None."""
+    from transformers import AutoTokenizer
+
+    for kwargs in ({"pretrained_model_name_or_path": str(moe_path)}, dense_src.pretrained_kwargs()):
+        try:
+            return AutoTokenizer.from_pretrained(**kwargs)
+        except Exception:  # noqa: BLE001 - a folder without a usable tokenizer
+            continue
+    return None
+
+
+def _random_prompts(moe_path: Path):
+    """Fixed pseudo-random token ids, for checkpoints that ship no tokenizer (tiny test models)."""
+    import torch
+
+    vocab = json.loads((moe_path / "config.json").read_text())["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    encoded = [torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 11, 17, 23)]
+    return [f"<{ids.shape[1]} random token ids>" for ids in encoded], encoded, None
+
+
+def _claims_exact(moe_path: Path) -> bool:
+    recipe = moe_path / "upcycle_recipe.json"
+    if not recipe.is_file():
+        return False
+    return bool(json.loads(recipe.read_text()).get("upcycle", {}).get("exact", False))
+
+
+def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, dtype, device: str,
+         pad_token_id: Optional[int]):
+    """Logits and greedy continuations of every prompt; the model is freed before returning."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=dtype).to(device).eval()
+    logits, generations = [], []
+    with torch.no_grad():
+        for ids in encoded:
+            ids = ids.to(device)
+            logits.append(model(ids).logits[0].float().cpu())
+            if max_new_tokens > 0:
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+                generations.append(out[0, ids.shape[1]:].cpu().tolist())
+            else:
+                generations.append([])
+    del model
+    return logits, generations
+
+
+def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
+           dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
+           quiet: bool = False) -> VerifyReport:
+    """Run the dense model and the MoE on the same prompts and compare.
+
+    The models run one after the other, so memory holds one model at a time. ``passed`` is False
+    when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .io import open_source
+
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise RecipeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    moe_path = Path(moe)
+    if not (moe_path / "config.json").is_file():
+        raise SourceNotFoundError(f"{moe}: not a model folder (no config.json)")
+    dense_src = open_source(str(dense), quiet=quiet)
+    tokenizer = _load_tokenizer(moe_path, dense_src)
+    if tokenizer is not None:
+        prompts = list(prompts or DEFAULT_PROMPTS)
+        encoded = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    elif prompts:
+        raise SourceNotFoundError(f"--prompts needs a tokenizer, and neither {moe} nor {dense} has one")
+    else:
+        prompts, encoded, pad = _random_prompts(moe_path)
+
+    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_dtype, device, pad)
+    moe_logits, moe_gen = _run({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
+                               torch_dtype, device, pad)
+
+    per_prompt, max_diff, kls, matches, agree, total = [], 0.0, [], 0, 0, 0
+    for prompt, a, b, ga, gb in zip(prompts, dense_logits, moe_logits, dense_gen, moe_gen):
+        diff = float((a - b).abs().max())
+        kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1).clamp_min(0)
+        same = ga == gb
+        agreed = sum(x == y for x, y in zip(ga, gb))
+        per_prompt.append({"prompt": prompt, "max_abs_logit_diff": diff, "mean_kl": float(kl.mean()),
+                           "greedy_match": same, "dense_tokens": ga, "moe_tokens": gb})
+        max_diff, matches, agree, total = max(max_diff, diff), matches + same, agree + agreed, total + len(ga)
+        kls.append(kl)
+    exact_expected = _claims_exact(moe_path)
+    atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    return VerifyReport(
+        max_abs_logit_diff=max_diff,
+        mean_kl=float(torch.cat(kls).mean()),
+        greedy_match=matches / len(prompts),
+        greedy_token_agreement=agree / total if total else 1.0,
+        exact_expected=exact_expected,
+        passed=(max_diff <= atol) if exact_expected else True,
+        atol=atol,
+        dtype=dtype,
+        num_prompts=len(prompts),
+        max_new_tokens=max_new_tokens,
+        per_prompt=per_prompt,
+    )
