@@ -19,23 +19,29 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 class SourceCache:
-    """Holds the most recent dense tensor (and its casts) so that every expert copy reads it once."""
+    """Holds the few most recent dense tensors (and their casts), so that every expert copy or slice
+    reads its dense matrix once. Outputs built from several dense tensors (packed experts) fit in it."""
 
-    def __init__(self, read: Callable[[str], torch.Tensor]):
+    def __init__(self, read: Callable[[str], torch.Tensor], size: int = 3):
         self._read = read
-        self._key: Optional[str] = None
-        self._versions: dict[torch.dtype, torch.Tensor] = {}
+        self._size = size
+        self._entries: dict[str, dict[torch.dtype, torch.Tensor]] = {}
+        self._raw_dtype: dict[str, torch.dtype] = {}
 
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        if key != self._key:
-            self._versions = {}
+        if key in self._entries:
+            self._entries[key] = self._entries.pop(key)  # most recent last
+        else:
+            while len(self._entries) >= self._size:
+                oldest = next(iter(self._entries))
+                del self._entries[oldest], self._raw_dtype[oldest]
             raw = self._read(key)
-            self._key, self._versions[raw.dtype] = key, raw
-            self._raw_dtype = raw.dtype
-        dtype = dtype or self._raw_dtype
-        if dtype not in self._versions:
-            self._versions[dtype] = self._versions[self._raw_dtype].to(dtype)
-        return self._versions[dtype]
+            self._entries[key], self._raw_dtype[key] = {raw.dtype: raw}, raw.dtype
+        versions = self._entries[key]
+        dtype = dtype or self._raw_dtype[key]
+        if dtype not in versions:
+            versions[dtype] = versions[self._raw_dtype[key]].to(dtype)
+        return versions[dtype]
 
 
 @dataclass
@@ -43,7 +49,7 @@ class OutTensor:
     """One output tensor: its spec, the dense tensor it derives from (if any) and how to make it."""
 
     spec: TensorSpec
-    source: Optional[str]
+    source: Optional[str]  # the main dense tensor it is made from (informational)
     make: Callable[[SourceCache], torch.Tensor]
     expert_of: Optional[int] = None  # layer index when the tensor belongs to a routed expert
 
@@ -234,7 +240,8 @@ def build_target_config(plan: ConversionPlan):
     known = cls().to_dict()
     skip = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "dtype",
             "torch_dtype", "id2label", "label2id"}
-    kwargs = {k: v for k, v in plan.dense_config.items() if k in known and k not in skip}
+    kwargs = {k: v for k, v in plan.dense_config.items()
+              if (k in known or k in plan.target.copy_keys) and k not in skip}
     kwargs.update(plan.target.config_defaults)
     kwargs.update(plan.target.moe_config(plan))
     config = cls(**kwargs)

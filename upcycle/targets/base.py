@@ -58,6 +58,8 @@ class MoeTarget:
     extra_layer_tensors: Optional[Callable[["ConversionPlan", int], list["OutTensor"]]] = None
     description: str = ""
     config_defaults: dict[str, Any] = field(default_factory=dict)
+    #: dense config keys to carry over although the target's config class does not list them by default
+    copy_keys: tuple[str, ...] = ()
 
     def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
         """Why this target cannot reproduce the dense model exactly, or None when it can."""

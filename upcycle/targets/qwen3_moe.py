@@ -35,5 +35,6 @@ TARGET = MoeTarget(
                                          "which qwen3_moe cannot express (one window for all layers)"),
     ),
     supports_layer_subset=True,
+    copy_keys=("head_dim",),
     description="Qwen3MoeForCausalLM with norm_topk_prob=true",
 )

@@ -1,0 +1,104 @@
+"""Tiny random dense models for the tests, one factory per family, each with its distinctive options on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+VOCAB = 96
+
+
+def _randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Norm weights are ones at init; random ones catch a norm that is dropped or misplaced."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and param.dim() == 1:
+                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=generator))
+
+
+def _base(**overrides: Any) -> dict[str, Any]:
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg.update(overrides)
+    return cfg
+
+
+def llama_config(**kw: Any):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_base(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **kw))
+
+
+def mistral_config(**kw: Any):
+    from transformers import MistralConfig
+
+    return MistralConfig(**_base(sliding_window=4, head_dim=32, **kw))
+
+
+def qwen2_config(**kw: Any):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**_base(tie_word_embeddings=True, **kw))
+
+
+def qwen3_config(**kw: Any):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_base(head_dim=24, **kw))
+
+
+CONFIGS: dict[str, Callable[..., Any]] = {
+    "llama": llama_config,
+    "mistral": mistral_config,
+    "qwen2": qwen2_config,
+    "qwen3": qwen3_config,
+}
+
+
+def make_dense(family: str, folder: Path, seed: int = 0, **config_overrides: Any) -> Path:
+    """Save a tiny random ``family`` model (fp32, random norm weights) to ``folder`` and return it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = CONFIGS[family](**config_overrides)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _randomise_norms(model, torch.Generator().manual_seed(seed + 1))
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer over ``VOCAB`` ids, saved in the transformers layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    words = "the a of to and in is it that was for on are as with his they at be this from".split()
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    while len(vocab) < VOCAB:
+        vocab[f"w{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+
+
+def max_logit_diff(dense_dir: Path, moe_dir: Path, seq_len: int = 24, batch: int = 3) -> float:
+    """Max |Δlogit| at fp32 between the dense model and the MoE on random token ids."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(123))
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    moe = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return float((dense(ids).logits - moe(ids).logits).abs().max())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
