@@ -60,6 +60,9 @@ class MoeTarget:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     #: dense config keys to carry over although the target's config class does not list them by default
     copy_keys: tuple[str, ...] = ()
+    #: factor on the shared expert's down projection that makes it exact (2.0 behind a sigmoid gate whose
+    #: weights are zeroed); None when the target has no shared expert
+    shared_expert_scale: Optional[float] = None
 
     def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
         """Why this target cannot reproduce the dense model exactly, or None when it can."""
