@@ -64,10 +64,13 @@ def load_tokenizer(src: "DenseSource") -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(**src.pretrained_kwargs())
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable tokenizer
-        raise SourceNotFoundError(f"--calibration needs the dense model's tokenizer, and {src.spec} has none "
-                                  f"that transformers can load ({type(exc).__name__})") from None
+        tokenizer = AutoTokenizer.from_pretrained(**src.pretrained_kwargs())
+    except Exception:  # noqa: BLE001 - any failure means no usable tokenizer
+        tokenizer = None
+    if tokenizer is None or len(tokenizer) < 2:  # transformers builds an empty one from a bare folder
+        raise SourceNotFoundError(f"--calibration needs the dense model's tokenizer, and {src.spec} has none; "
+                                  "add its tokenizer files to the model folder")
+    return tokenizer
 
 
 def tokenize_calibration(path: str | Path, tokenizer: Any, max_tokens: int, num_experts: int) -> torch.Tensor:
