@@ -102,7 +102,8 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
     click.echo(f"{head}: {s['family']} -> {s['architecture']} ({s['target']}), method {s['method']}, "
                f"{'exact' if s['exact'] else 'not exact'}")
     click.echo(f"  layers: {len(s['moe_layers'])}/{s['num_layers']} MoE; experts: {s['num_experts']} x "
-               f"{s['expert_size']} (dense FFN {s['dense_ffn_size']}), top-{s['top_k']}")
+               f"{s['expert_size']} (dense FFN {s['dense_ffn_size']}), top-{s['top_k']}"
+               + (f", shared expert {s['shared_expert_size']}" if s.get("shared_expert_size") else ""))
     click.echo(f"  parameters: {_human(s['total_params'])} total, {_human(s['active_params'])} active per token")
     click.echo(f"  output: {_human(s['output_bytes'], 'B')} in {s['shards']} shard(s), dtype {s['dtype']}")
 

@@ -107,6 +107,12 @@ def _needs_layer_data(recipe: Recipe) -> bool:
                                                and get_partition(recipe.split_strategy).needs_data)
 
 
+def _needs_activations(recipe: Recipe) -> bool:
+    from .partitions import get_partition
+
+    return recipe.method == "split" and get_partition(recipe.split_strategy).needs_calibration
+
+
 def _layer_data(src, plan, calibration_ids, quiet: bool):
     """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
     import torch
@@ -119,7 +125,7 @@ def _layer_data(src, plan, calibration_ids, quiet: bool):
     if calibration_ids is not None:
         stats = collect_statistics(src, plan, calibration_ids, quiet=quiet,
                                    want_hidden=get_router_init(plan.recipe.router_init).needs_calibration,
-                                   want_activations=plan.recipe.method == "split")
+                                   want_activations=_needs_activations(plan.recipe))
 
     def data(layer: int) -> LayerData:
         def weight(proj: str) -> torch.Tensor:
