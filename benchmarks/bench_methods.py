@@ -5,7 +5,10 @@ the whole conversion, of the neuron clustering, and of the calibration pass. A s
 balanced k-means of one layer at 1B-model shapes on random weights, to judge whether clustering would
 dominate a 1B conversion.
 
-    python benchmarks/bench_methods.py [--gguf PATH] [--tokens 16384] [--out results.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_methods.py [--gguf PATH] [--tokens 16384] [--out results.json]
+
+On a shared machine, OMP_NUM_THREADS=1 keeps torch's thread pool from spinning against other jobs;
+the CPU seconds reported are then the single-core cost.
 """
 
 from __future__ import annotations
@@ -110,7 +113,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()
     gguf = ns.gguf or default_gguf()
-    results = {"source": os.path.basename(gguf), "calibration_tokens": ns.tokens, "cpus": os.cpu_count(), "cases": {}}
+    import torch
+
+    results = {"source": os.path.basename(gguf), "calibration_tokens": ns.tokens, "cpus": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         text = calibration_text(Path(tmp) / "calibration.txt")
         for name in ns.cases.split(","):

@@ -38,13 +38,13 @@ def balanced_kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterati
     x = x.float()
     centroids = x[torch.randperm(n, generator=generator)[:k]].clone()
     labels: Optional[torch.Tensor] = None
+    norms = (x * x).sum(1, keepdim=True)
     for _ in range(iterations):
-        new = balanced_assign(torch.cdist(x, centroids), n // k)
+        new = balanced_assign(norms - 2 * x @ centroids.t() + (centroids * centroids).sum(1), n // k)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        for c in range(k):
-            centroids[c] = x[labels == c].mean(0)
+        centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / (n // k)
     return labels
 
 
