@@ -53,3 +53,33 @@ def test_streaming_kmeans_finds_planted_centres():
     found = km.result()
     dist = torch.cdist(centres, found)
     assert float(dist.min(1).values.max()) < 0.5
+
+
+def _planted_layer(groups: int = 4, per_group: int = 6, hidden: int = 16):
+    """FFN weights whose neurons form ``groups`` planted groups (same direction within a group, shuffled)."""
+    from upcycle.layer_data import LayerData
+
+    x, truth, _ = _planted(per_group, groups, dim=3 * hidden, seed=2)
+    weights = {"gate": x[:, :hidden], "up": x[:, hidden:2 * hidden], "down": x[:, 2 * hidden:].t()}
+    energy = truth.float() + 1  # group 3 is the most active
+    return LayerData(weight=weights.__getitem__, activation_sketch=x, activation_energy=energy), truth
+
+
+@pytest.mark.parametrize("strategy", ["kmeans", "activation"])
+def test_data_aware_partitions_recover_planted_groups(strategy):
+    from upcycle.partitions import PartitionContext, partition
+
+    data, truth = _planted_layer()
+    shards = partition(strategy, PartitionContext(0, 24, 4, torch.Generator().manual_seed(0), data))
+    assert sorted(torch.cat(shards).tolist()) == list(range(24))
+    for shard in shards:
+        assert shard.numel() == 6 and truth[shard].unique().numel() == 1
+    if strategy == "activation":  # most active shard first: it becomes the shared expert
+        assert [int(truth[s[0]]) for s in shards] == [3, 2, 1, 0]
+
+
+def test_dry_run_partitions_have_the_real_shapes():
+    from upcycle.partitions import PartitionContext, partition
+
+    shards = partition("activation", PartitionContext(0, 24, 4, torch.Generator().manual_seed(0), None))
+    assert [s.tolist() for s in shards] == [list(range(i, i + 6)) for i in range(0, 24, 6)]
