@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's upcycle, as in the child processes
+
 CASES = {
     "contiguous": ["--split-strategy", "contiguous"],
     "kmeans": ["--split-strategy", "kmeans"],
@@ -82,27 +85,31 @@ def run_case(gguf: str, out: Path, flags: list[str], text: Path, tokens: int) ->
     args = {"method": "split", "granularity": 4, "num_experts": 8, "top_k": 4, "calibration": str(text),
             "calibration_tokens": tokens, **options(flags)}
     proc = subprocess.run([sys.executable, "-c", CHILD, gguf, str(out), json.dumps(args)], capture_output=True,
-                          text=True, check=True)
+                          text=True, check=True, cwd=ROOT)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
 def kmeans_at_1b(hidden: int = 2048, ffn: int = 8192, shards: int = 4) -> dict:
-    """One layer's balanced k-means at Llama-3.2-1B shapes (random weights; features = 3 x hidden)."""
+    """One layer's neuron clustering at Llama-3.2-1B shapes (random weights; features = 3 x hidden)."""
     import torch
 
     from upcycle.clustering import balanced_kmeans
+    from upcycle.layer_data import LayerData
+    from upcycle.partitions import PartitionContext, partition
 
     gen = torch.Generator().manual_seed(0)
-    weights = torch.randn(ffn, 3 * hidden, generator=gen)
-    start = time.perf_counter()
-    balanced_kmeans(weights / weights.norm(dim=1, keepdim=True), shards, gen)
-    kmeans_s = time.perf_counter() - start
+    weights = {"gate": torch.randn(ffn, hidden, generator=gen), "up": torch.randn(ffn, hidden, generator=gen),
+               "down": torch.randn(hidden, ffn, generator=gen)}
+    start, cpu = time.perf_counter(), time.process_time()
+    partition("kmeans", PartitionContext(0, ffn, shards, gen, LayerData(weights.__getitem__)))
+    result = {"hidden": hidden, "ffn": ffn, "shards": shards, "weight_kmeans_per_layer_s": time.perf_counter() - start,
+              "weight_kmeans_per_layer_cpu_s": time.process_time() - cpu}
     sketch = torch.randn(ffn, 64, generator=gen)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     balanced_kmeans(sketch / sketch.norm(dim=1, keepdim=True), shards, gen)
-    return {"hidden": hidden, "ffn": ffn, "shards": shards, "weight_kmeans_per_layer_s": kmeans_s,
-            "activation_kmeans_per_layer_s": time.perf_counter() - start, "load_average": os.getloadavg()}
+    return {**result, "activation_kmeans_per_layer_s": time.perf_counter() - start,
+            "activation_kmeans_per_layer_cpu_s": time.process_time() - cpu, "load_average": os.getloadavg()}
 
 
 def main() -> None:
@@ -119,7 +126,7 @@ def main() -> None:
                "torch_threads": torch.get_num_threads(), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         text = calibration_text(Path(tmp) / "calibration.txt")
-        for name in ns.cases.split(","):
+        for name in filter(None, ns.cases.split(",")):
             results["cases"][name] = run_case(gguf, Path(tmp) / name, CASES[name], text, ns.tokens)
             results["cases"][name]["load_average_after"] = os.getloadavg()[0]
             print(name, json.dumps(results["cases"][name]), flush=True)

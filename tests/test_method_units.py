@@ -83,3 +83,14 @@ def test_dry_run_partitions_have_the_real_shapes():
 
     shards = partition("activation", PartitionContext(0, 24, 4, torch.Generator().manual_seed(0), None))
     assert [s.tolist() for s in shards] == [list(range(i, i + 6)) for i in range(0, 24, 6)]
+
+
+def test_kmeans_partition_with_random_projection(monkeypatch):
+    import upcycle.partitions.kmeans as kmeans_strategy
+    from upcycle.partitions import PartitionContext, partition
+
+    monkeypatch.setattr(kmeans_strategy, "PROJECTED_DIM", 8)  # planted features have 48 dimensions
+    data, truth = _planted_layer()
+    shards = partition("kmeans", PartitionContext(0, 24, 4, torch.Generator().manual_seed(0), data))
+    for shard in shards:
+        assert shard.numel() == 6 and truth[shard].unique().numel() == 1
