@@ -69,13 +69,15 @@ class MoeTarget:
     copy_keys: tuple[str, ...] = ()
     packed_experts: Optional[dict[str, tuple[str, ...]]] = None
     adjust: Optional[Callable[["ConversionPlan", int, "LayerExperts"], "LayerExperts"]] = None
+    #: a transformers architecture: COMMON_REQUIREMENTS apply (the bundled model sets False, it has its own)
+    native: bool = True
 
     def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
         """Why this target cannot reproduce the dense model exactly, or None when it can."""
         if family_name not in self.families:
             return (f"target {self.name!r} does not take the {family_name!r} family "
                     f"(it takes: {', '.join(self.families)})")
-        for req in COMMON_REQUIREMENTS + self.requirements:
+        for req in (COMMON_REQUIREMENTS if self.native else ()) + self.requirements:
             if not req.holds(config):
                 return req.reason.format(target=self.name)
         return None

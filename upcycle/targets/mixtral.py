@@ -1,4 +1,5 @@
-"""Mixtral: softmax router with renormalised top-k; takes llama and mistral (sliding window)."""
+"""Mixtral: softmax router with renormalised top-k; takes llama, mistral (sliding window) and phi3
+(fused qkv/gate_up presented split by the phi3 family; full rotary only)."""
 
 from .base import MoeTarget, Requirement, no_attention_bias
 
@@ -17,7 +18,7 @@ TARGET = MoeTarget(
     name="mixtral",
     model_type="mixtral",
     config_class="MixtralConfig",
-    families=("llama", "mistral"),
+    families=("llama", "mistral", "phi3"),
     router_key="model.layers.{i}.block_sparse_moe.gate.weight",
     expert_key="model.layers.{i}.block_sparse_moe.experts.{e}.{proj}.weight",
     proj_names={"gate": "w1", "up": "w3", "down": "w2"},
