@@ -82,5 +82,7 @@ TARGET = MoeTarget(
     moe_config=_moe_config,
     adjust=_halve_experts,
     extra_layer_tensors=_shared_mlp,
-    description="HunYuanMoEV1ForCausalLM; always-on shared_mlp made exact half/half (see module docs)",
+    description="HunYuanMoEV1ForCausalLM; the always-on shared_mlp gets half of the dense FFN and every "
+                "expert the other half (down projections x 0.5); with experts narrower than the dense FFN "
+                "the shared_mlp's down projection is zero instead",
 )
