@@ -12,13 +12,18 @@ from safetensors import safe_open
 
 from upcycle.cli import cli
 
+# Phi-3 128k: longrope switches from short to long factors past original_max_position_embeddings (16 < 40)
+LONGROPE = {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                "long_factor": [2.0 + 0.3 * i for i in range(8)]}}
 CASES = [
-    ("olmo2", "FlexOlmoForCausalLM"),
-    ("granite", "GraniteMoeForCausalLM"),
-    ("phi3", "MixtralForCausalLM"),
-    ("ernie4_5", "Ernie4_5_MoeForCausalLM"),
-    ("hunyuan_v1_dense", "HunYuanMoEV1ForCausalLM"),
-    ("cohere2", "Cohere2MoeForCausalLM"),
+    ("olmo2", "FlexOlmoForCausalLM", {}),
+    ("granite", "GraniteMoeForCausalLM", {}),
+    ("phi3", "MixtralForCausalLM", {}),
+    ("phi3", "MixtralForCausalLM", LONGROPE),
+    ("ernie4_5", "Ernie4_5_MoeForCausalLM", {}),
+    ("hunyuan_v1_dense", "HunYuanMoEV1ForCausalLM", {}),
+    ("cohere2", "Cohere2MoeForCausalLM", {}),
 ]
 
 
@@ -34,17 +39,17 @@ def _keys(folder):
     return keys
 
 
-@pytest.mark.parametrize("family,cls", CASES, ids=[c[0] for c in CASES])
-def test_native_target_is_exact(tmp_path, family, cls):
+@pytest.mark.parametrize("family,cls,overrides", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_native_target_is_exact(tmp_path, family, cls, overrides):
     from transformers import AutoModelForCausalLM
 
-    dense = make_dense(family, tmp_path / "dense")
+    dense = make_dense(family, tmp_path / "dense", **overrides)
     result = _convert(dense, tmp_path / "moe")
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert type(model).__name__ == cls
     assert read_json(tmp_path / "moe" / "config.json")["architectures"] == [cls]
-    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+    assert max_logit_diff(dense, tmp_path / "moe", seq_len=40) <= 1e-4
 
 
 def test_granitemoe_packs_experts(tmp_path):

@@ -9,6 +9,8 @@ def _moe_config(plan):
         "num_local_experts": plan.recipe.num_experts,
         "num_experts_per_tok": plan.recipe.top_k,
         "intermediate_size": plan.expert_size,
+        # explicit, so rope validation (phi3 longrope) sees it; mixtral derives the same value when absent
+        "head_dim": plan.dense_config.get("head_dim") or plan.hidden_size // plan.dense_config["num_attention_heads"],
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
     }
