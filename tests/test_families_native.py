@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from factories import make_dense, max_logit_diff, read_json
 from safetensors import safe_open
 
+from upcycle import inspect
 from upcycle.cli import cli
 
 # Phi-3 128k: longrope switches from short to long factors past original_max_position_embeddings (16 < 40)
@@ -50,6 +51,10 @@ def test_native_target_is_exact(tmp_path, family, cls, overrides):
     assert type(model).__name__ == cls
     assert read_json(tmp_path / "moe" / "config.json")["architectures"] == [cls]
     assert max_logit_diff(dense, tmp_path / "moe", seq_len=40) <= 1e-4
+    # inspect reads the native layout (packed experts, moe_k/moe_topk) as the plan counted it
+    info, planned = inspect(tmp_path / "moe"), read_json(tmp_path / "moe" / "upcycle_recipe.json")["upcycle"]
+    assert (info["moe_layers"], info["num_experts"], info["top_k"]) == ([0, 1, 2], 4, 2)
+    assert info["active_params"] == planned["active_params"] < info["total_params"] == planned["total_params"]
 
 
 def test_granitemoe_packs_experts(tmp_path):
