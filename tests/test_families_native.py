@@ -80,6 +80,19 @@ def test_phi3_fused_tensors_are_split(tmp_path):
     assert not any("qkv_proj" in k or "gate_up_proj" in k for k in keys)
 
 
+def test_granitemoeshared_on_request_is_exact(tmp_path):
+    """An explicit --target granitemoeshared: half/half shared MLP, packed like the experts."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_dense("granite", tmp_path / "dense")
+    result = _convert(dense, tmp_path / "moe", "--target", "granitemoeshared")
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "moe" / "config.json")["shared_intermediate_size"] == 96
+    assert _keys(tmp_path / "moe")["model.layers.0.shared_mlp.input_linear.weight"] == (2 * 96, 64)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == "GraniteMoeSharedForCausalLM"
+    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+
+
 def test_hunyuan_shared_mlp_is_half_of_the_dense_ffn(tmp_path):
     dense = make_dense("hunyuan_v1_dense", tmp_path / "dense")
     assert _convert(dense, tmp_path / "moe").exit_code == 0
@@ -102,8 +115,17 @@ def _split_in_two(ctx):
                         groups=[e // 2 for e in range(ctx.num_experts)])
 
 
-def test_hunyuan_with_narrow_experts_is_exact(tmp_path, monkeypatch):
-    """Experts narrower than the dense FFN: the shared MLP gets a zero down projection instead."""
+NARROW = [  # family, target, class, (config key, value), shared MLP key and shape
+    ("hunyuan_v1_dense", "auto", "HunYuanMoEV1ForCausalLM", ("intermediate_size", 48),
+     ("model.layers.2.mlp.shared_mlp.gate_proj.weight", (48, 64))),
+    ("granite", "granitemoeshared", "GraniteMoeSharedForCausalLM", ("shared_intermediate_size", 0), None),
+]
+
+
+@pytest.mark.parametrize("family,target,cls,config,shared", NARROW, ids=[n[1] for n in NARROW])
+def test_shared_mlp_with_narrow_experts_is_exact(tmp_path, monkeypatch, family, target, cls, config, shared):
+    """Experts narrower than the dense FFN already sum to it: hunyuan's shared MLP (as wide as an expert)
+    gets a zero down projection, granitemoeshared none at all."""
     import upcycle.experts
     from transformers import AutoModelForCausalLM
 
@@ -111,12 +133,13 @@ def test_hunyuan_with_narrow_experts_is_exact(tmp_path, monkeypatch):
 
     methods = {**upcycle.experts.all_methods(), "split2": ExpertMethod("split2", True, _split_in_two)}
     monkeypatch.setattr(upcycle.experts, "all_methods", lambda: methods)
-    dense = make_dense("hunyuan_v1_dense", tmp_path / "dense")
-    result = _convert(dense, tmp_path / "moe", "--method", "split2")
+    dense = make_dense(family, tmp_path / "dense")
+    result = _convert(dense, tmp_path / "moe", "--method", "split2", "--target", target)
     assert result.exit_code == 0, result.output
-    assert read_json(tmp_path / "moe" / "config.json")["intermediate_size"] == 48
-    assert _keys(tmp_path / "moe")["model.layers.2.mlp.shared_mlp.gate_proj.weight"] == (48, 64)
-    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == "HunYuanMoEV1ForCausalLM"
+    assert read_json(tmp_path / "moe" / "config.json")[config[0]] == config[1]
+    keys = _keys(tmp_path / "moe")
+    assert keys.get(shared[0]) == shared[1] if shared else not any("shared_mlp" in k for k in keys)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == cls
     assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
 
 

@@ -16,9 +16,6 @@ class Gap:
 
 
 GAPS = (
-    Gap("granite", "granitemoeshared",
-        "its shared MLP needs the shared-expert split (`--shared-experts`); until then granite converts to "
-        "granitemoe, which is exact without one"),
     Gap("qwen3", "dots1",
         "dots1 is qwen3 attention with DeepSeek-style shared experts; it is only worth writing when shared "
         "experts are asked for (`--shared-experts`), otherwise qwen3_moe is exact"),
