@@ -93,6 +93,24 @@ def test_granitemoeshared_on_request_is_exact(tmp_path):
     assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
 
 
+QWEN3_MIXED = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+
+
+def test_qwen3_with_mixed_sliding_layers_goes_to_dots1(tmp_path):
+    """qwen3_moe has one window for all layers; dots1 copies layer_types, so auto takes it (exact)."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_dense("qwen3", tmp_path / "dense", **QWEN3_MIXED)
+    assert "sliding_attention" in read_json(dense / "config.json")["layer_types"]
+    refused = _convert(dense, tmp_path / "refused", "--target", "qwen3_moe")
+    assert refused.exit_code == 2 and "mixes sliding-window" in refused.output
+    result = _convert(dense, tmp_path / "moe")
+    assert result.exit_code == 0, result.output
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == "Dots1ForCausalLM"
+    assert _keys(tmp_path / "moe")["model.layers.0.mlp.shared_experts.gate_proj.weight"] == (96, 64)
+    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+
+
 def test_hunyuan_shared_mlp_is_half_of_the_dense_ffn(tmp_path):
     dense = make_dense("hunyuan_v1_dense", tmp_path / "dense")
     assert _convert(dense, tmp_path / "moe").exit_code == 0
@@ -119,6 +137,8 @@ NARROW = [  # family, target, class, (config key, value), shared MLP key and sha
     ("hunyuan_v1_dense", "auto", "HunYuanMoEV1ForCausalLM", ("intermediate_size", 48),
      ("model.layers.2.mlp.shared_mlp.gate_proj.weight", (48, 64))),
     ("granite", "granitemoeshared", "GraniteMoeSharedForCausalLM", ("shared_intermediate_size", 0), None),
+    ("qwen3", "dots1", "Dots1ForCausalLM", ("n_shared_experts", 1),
+     ("model.layers.1.mlp.shared_experts.up_proj.weight", (48, 64))),
 ]
 
 
