@@ -70,7 +70,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     output = Path(output)
     if not dry_run:
         check_output(output, force)
-    src = open_source(str(source), recipe.revision, quiet=quiet)
+    src = open_source(str(source), recipe.revision, quiet=quiet, headers_only=dry_run)
     if not dry_run:
         check_output(output, force, src.folder)
     config = src.load_config()
