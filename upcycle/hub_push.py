@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,8 +20,10 @@ from typing import Any, Optional
 from .card import REPO_PLACEHOLDER
 from .convert import RECIPE_FILE
 from .errors import HubError, IncompleteOutputError
-from .io.writer import INDEX_FILE, SINGLE_FILE
 
+# the transformers names (as in upcycle.io.writer, which imports torch: push does not need it)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 DEFAULT_LARGE_THRESHOLD = "5GB"
 RESUME_HINT = "run the same command again to resume: files already on the Hub are not sent again"
 
@@ -54,6 +57,27 @@ def _weight_files(folder: Path) -> tuple[list[str], Optional[int]]:
     raise IncompleteOutputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is the conversion finished?")
 
 
+def _shard_extent(file: Path) -> tuple[int, dict[str, int]]:
+    """Where the data of a safetensors file ends according to its header, and each tensor's byte count.
+
+    Reads only the header (8-byte length, JSON), so that pushing never needs torch.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+        if header_len is None or 8 + header_len > size:
+            raise IncompleteOutputError(f"{file}: truncated safetensors file ({size} bytes); re-run the conversion")
+        try:
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            offsets = {name: (int(e["data_offsets"][0]), int(e["data_offsets"][1])) for name, e in header.items()}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise IncompleteOutputError(f"{file}: malformed safetensors header; re-run the conversion") from None
+    end = 8 + header_len + max((stop for _, stop in offsets.values()), default=0)
+    return end, {name: stop - start for name, (start, stop) in offsets.items()}
+
+
 def check_complete(path: str | Path) -> list[str]:
     """Refuse a folder that is not a complete upcycle output; return its files (relative, sorted).
 
@@ -61,8 +85,6 @@ def check_complete(path: str | Path) -> list[str]:
     names present, each shard's size equal to what its safetensors header promises, every tensor
     of the index inside the shard it is mapped to, and the tensor bytes summing to ``total_size``.
     """
-    from .io.safetensors_format import read_header
-
     folder = Path(path)
     if not folder.is_dir():
         raise IncompleteOutputError(f"{path}: no such folder")
@@ -84,20 +106,19 @@ def check_complete(path: str | Path) -> list[str]:
     tensor_bytes = 0
     for shard in shards:
         file = folder / shard
-        infos, _, data_offset = read_header(file)
-        end = max((info.end for info in infos.values()), default=data_offset)
+        end, tensors = _shard_extent(file)
         size = file.stat().st_size
         if size != end:
             raise IncompleteOutputError(f"{file}: {size} bytes, but its safetensors header describes {end}; "
                                         "the file is truncated or damaged, re-run the conversion")
-        tensor_bytes += sum(info.end - info.start for info in infos.values())
+        tensor_bytes += sum(tensors.values())
         if weight_map is not None:
-            absent = [k for k, v in weight_map.items() if v == shard and k not in infos]
+            absent = [k for k, v in weight_map.items() if v == shard and k not in tensors]
             if absent:
                 raise IncompleteOutputError(f"{file}: the index maps {absent[0]!r} to this shard but it is not "
                                             "in it; re-run the conversion")
     if total_size is not None and total_size != tensor_bytes:
-        raise IncompleteOutputError(f"{folder / INDEX_FILE}: total_size {total_size} but the shards hold "
+        raise IncompleteOutputError(f"{index}: total_size {total_size} but the shards hold "
                                     f"{tensor_bytes} tensor bytes; re-run the conversion")
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
