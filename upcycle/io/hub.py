@@ -18,7 +18,7 @@ from .safetensors_format import STR_TO_DTYPE, TensorInfo
 from .source import TOKENIZER_FILES, DenseSource
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-META_FILES = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+META_FILES = ["config.json", "generation_config.json", "README.md", *TOKENIZER_FILES]
 WEIGHT_PATTERNS = (
     ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"],
     ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"],
