@@ -66,9 +66,11 @@ def _load_tokenizer(moe_path: Path, dense_src):
 
     for kwargs in ({"pretrained_model_name_or_path": str(moe_path)}, dense_src.pretrained_kwargs()):
         try:
-            return AutoTokenizer.from_pretrained(**kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         except Exception:  # noqa: BLE001 - a folder without a usable tokenizer
             continue
+        if tokenizer(DEFAULT_PROMPTS[0]).input_ids:  # transformers 5 builds empty Qwen tokenizers from config alone
+            return tokenizer
     return None
 
 
