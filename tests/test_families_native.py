@@ -28,8 +28,10 @@ CASES = [
 ]
 
 
-def _convert(dense, out, *args):
-    return CliRunner().invoke(cli, ["convert", str(dense), str(out), "-e", "4", "-k", "2", "-q", *args])
+def _convert(dense, out, *args, verify=False):
+    """Convert with the CLI; the tests measure |Δlogit| themselves, so conversion-time verify is opt-in."""
+    flag = "--verify" if verify else "--no-verify"
+    return CliRunner().invoke(cli, ["convert", str(dense), str(out), "-e", "4", "-k", "2", "-q", flag, *args])
 
 
 def _keys(folder):
@@ -45,8 +47,9 @@ def test_native_target_is_exact(tmp_path, family, cls, overrides):
     from transformers import AutoModelForCausalLM
 
     dense = make_dense(family, tmp_path / "dense", **overrides)
-    result = _convert(dense, tmp_path / "moe")
+    result = _convert(dense, tmp_path / "moe", verify=True)
     assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "moe" / "upcycle_recipe.json")["upcycle"]["verification"]["passed"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert type(model).__name__ == cls
     assert read_json(tmp_path / "moe" / "config.json")["architectures"] == [cls]
