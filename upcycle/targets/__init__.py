@@ -11,8 +11,8 @@ from .base import MoeTarget
 
 __all__ = ["FALLBACK_TARGET", "MoeTarget", "all_targets", "auto_candidates", "choose_target"]
 
-#: what ``--target auto`` picks when the family's native target is not exact for this model: the bundled
-#: model, used automatically as soon as a target module of this name is registered and takes the family
+#: the last target ``--target auto`` tries (after the native ones): the bundled model, used automatically
+#: as soon as a target module of this name is registered (``native=False``) and takes the family
 FALLBACK_TARGET = "upcycle"
 
 
