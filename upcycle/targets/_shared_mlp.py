@@ -42,6 +42,22 @@ def shared_slice(plan, layer):
     return None
 
 
+def expert_wide_tensors(plan, layer: int, layout: dict[str, tuple[str, ...]]) -> list:
+    """A shared MLP that must be one expert wide: the shared slice, else expert 0's gate/up rows with a
+    zero down projection (adds nothing, yet its down projection gets gradients)."""
+    from ..errors import RecipeError
+    from ..experts import ExpertSlice
+
+    sl = shared_slice(plan, layer)
+    if sl is None:
+        first = ExpertSlice(neurons=plan.layers[layer].experts[0].neurons)
+        return slice_tensors(plan, layer, layout, first, zero_down=True)
+    if sl.width(plan.dense_size) % plan.expert_size:
+        raise RecipeError(f"{plan.target.name}'s shared MLP is a multiple of the expert width ({plan.expert_size}); "
+                          f"the shared expert has {sl.width(plan.dense_size)} neurons")
+    return slice_tensors(plan, layer, layout, sl)
+
+
 def slice_tensors(plan, layer: int, layout: dict[str, tuple[str, ...]], sl, zero_down: bool = False) -> list:
     """The tensors of one MLP made of slice ``sl`` of the dense FFN, laid out like ``packed_experts``
     (each template's projections concatenated along rows), with an optional zero down projection."""

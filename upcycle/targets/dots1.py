@@ -43,15 +43,10 @@ def _moe_config(plan):
 
 
 def _extra(plan, layer):
-    from ..experts import ExpertSlice
     from ..plan import zeros_tensor
 
     bias = zeros_tensor(f"model.layers.{layer}.mlp.gate.e_score_correction_bias", (plan.recipe.num_experts,), plan)
-    sl = _shared_mlp.shared_slice(plan, layer)
-    if sl is None:
-        first = ExpertSlice(neurons=plan.layers[layer].experts[0].neurons)
-        return [bias, *_shared_mlp.slice_tensors(plan, layer, LAYOUT, first, zero_down=True)]
-    return [bias, *_shared_mlp.slice_tensors(plan, layer, LAYOUT, sl)]
+    return [bias, *_shared_mlp.expert_wide_tensors(plan, layer, LAYOUT)]
 
 
 TARGET = MoeTarget(

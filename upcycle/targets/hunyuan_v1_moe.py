@@ -25,16 +25,12 @@ def _moe_config(plan):
 
 def _shared_mlp_tensors(plan, layer):
     from ..errors import RecipeError
-    from ..experts import ExpertSlice
 
     sl = _shared_mlp.shared_slice(plan, layer)
-    if sl is None:
-        first = plan.layers[layer].experts[0]
-        return _shared_mlp.slice_tensors(plan, layer, LAYOUT, ExpertSlice(neurons=first.neurons), zero_down=True)
-    if sl.width(plan.dense_size) != plan.expert_size:
+    if sl is not None and sl.width(plan.dense_size) != plan.expert_size:
         raise RecipeError(f"hunyuan_v1_moe's shared_mlp is as wide as one expert ({plan.expert_size}); "
                           f"the shared expert has {sl.width(plan.dense_size)} neurons")
-    return _shared_mlp.slice_tensors(plan, layer, LAYOUT, sl)
+    return _shared_mlp.expert_wide_tensors(plan, layer, LAYOUT)
 
 
 TARGET = MoeTarget(
