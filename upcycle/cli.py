@@ -164,3 +164,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 
 def main() -> None:
     cli(prog_name="upcycle")
+
+
+from .cli_train import train_cmd  # noqa: E402  (its own module; imports only click)
+cli.add_command(train_cmd)

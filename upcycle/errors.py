@@ -35,3 +35,7 @@ class VerificationError(UpcycleError):
     """A model that claims exactness failed verification."""
 
     exit_code = 1
+
+
+class DataError(UpcycleError):
+    """Training or routing data is missing, empty or malformed."""

@@ -1,0 +1,246 @@
+"""``train()``: fine-tune an upcycled MoE checkpoint with transformers' Trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainOptions:
+    """The knobs of ``upcycle train`` (the CLI flags map one to one)."""
+
+    max_steps: int = -1
+    epochs: float = 1.0
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 1024
+    warmup: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    logging_steps: int = 10
+    resume: bool = False
+    force: bool = False
+    aux_loss_coef: Optional[float] = None  # None: the model config's router_aux_loss_coef
+    z_loss_coef: float = 0.0
+    train: str = "all"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    report_to: str = "none"
+    quiet: bool = False
+    extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
+
+    def validate(self) -> "TrainOptions":
+        for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "lora_r"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
+            raise RecipeError("give --max-steps > 0 or --epochs > 0")
+        if self.learning_rate <= 0 or self.warmup < 0:
+            raise RecipeError("--learning-rate must be > 0 and --warmup >= 0")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if (getattr(self, name) or 0) < 0:
+                raise RecipeError(f"--{name.replace('_', '-')} must be >= 0")
+        return self
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    output: Path
+    steps: int
+    final_loss: Optional[float]
+    losses: list[float]
+    expert_load: Optional[dict[str, Any]]
+    run: dict[str, Any]
+
+
+def _resume_checkpoint(output: Path, options: TrainOptions) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = output / CHECKPOINTS
+    if options.resume:
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last is None:
+            raise SourceNotFoundError(f"--resume: no checkpoint-N folder in {folder}; train without --resume")
+        return last
+    if output.is_dir() and any(output.iterdir()) and not options.force:
+        raise OutputExistsError(f"output folder {output} exists and is not empty; pass --resume to continue "
+                                "its last checkpoint or --force to train over it")
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"output {output} exists and is a file; choose a folder name")
+    return None
+
+
+def _load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _apply_lora(model: Any, options: TrainOptions, num_experts: int) -> Any:
+    """Wrap the model with LoRA adapters (peft) on its linear layers; the routers train fully."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise RecipeError("--lora needs peft: pip install 'upcycle[train]' (or pip install peft)") from None
+    from .moe_model import router_modules
+
+    routers = [name for name, _ in router_modules(model, num_experts)]
+    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, target_modules="all-linear",
+                        modules_to_save=routers or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train(model_path: str | Path, data: str | Path, output: str | Path,
+          options: Optional[TrainOptions] = None, **overrides: Any) -> TrainResult:
+    """Fine-tune the MoE at ``model_path`` on ``data``; write the trained model to ``output``.
+
+    Checkpoints go to ``output/checkpoints``; the final model, tokenizer, updated recipe and card to
+    ``output``. Works under ``torchrun`` and ``accelerate launch`` (one call per process).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, default_data_collator
+
+    from .. import __version__
+    from .data import load_packed
+    from .moe_model import check_seq_len, freeze_except, moe_shape, parse_train_groups, router_layers
+    from .monitor import ExpertLoadCallback
+    from .provenance import record_training
+    from .trainer import UpcycleTrainer, disable_model_aux_loss, to_dtype_for_save
+
+    options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
+    model_path, output = Path(model_path), Path(output)
+    if not (model_path / "config.json").is_file():
+        raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(model_path)
+    num_experts, top_k = moe_shape(config, str(model_path))
+    check_seq_len(config, options.seq_len)
+    groups = parse_train_groups(options.train)
+    resume_from = _resume_checkpoint(output, options)
+    aux_coef = options.aux_loss_coef if options.aux_loss_coef is not None else \
+        float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+    tokenizer = _load_tokenizer(model_path)
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    if eos is None:
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    dataset = load_packed(data, tokenizer, options.seq_len, eos, getattr(config, "vocab_size", None))
+
+    saved_dtype = getattr(config, "dtype", None)
+    saved_dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else saved_dtype
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    keep = {k: getattr(model.config, k, None) for k in ("use_cache", "output_router_logits")}
+    disable_model_aux_loss(model)
+    model.config.use_cache = False
+    counts = freeze_except(model, groups, num_experts)
+    layers = router_layers(model, num_experts)
+    if options.lora:
+        model = _apply_lora(model, options, num_experts)
+
+    args = TrainingArguments(
+        output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
+        learning_rate=options.learning_rate, per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, warmup_steps=options.warmup, bf16=options.bf16,
+        save_steps=options.save_steps,
+        save_total_limit=2, logging_steps=options.logging_steps, seed=options.seed, data_seed=options.seed,
+        weight_decay=options.weight_decay, lr_scheduler_type=options.lr_scheduler, report_to=options.report_to,
+        remove_unused_columns=False, disable_tqdm=options.quiet, use_cpu=_cpu_only_distributed(),
+        **_checkpointing_arg(options.gradient_checkpointing), **options.extra_args)
+    monitor = ExpertLoadCallback(top_k, layers)
+    trainer = UpcycleTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                             processing_class=tokenizer, top_k=top_k, aux_loss_coef=aux_coef,
+                             z_loss_coef=options.z_loss_coef, load_monitor=monitor)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if options.lora:
+        final = final.merge_and_unload()
+    final.config.router_aux_loss_coef = aux_coef
+    for key, value in keep.items():
+        setattr(final.config, key, value)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if options.lora:
+        if args.should_save:
+            to_dtype_for_save(final, saved_dtype)
+            final.save_pretrained(output)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output)
+    else:
+        if not sharded:
+            to_dtype_for_save(final, saved_dtype)
+        trainer.save_model(str(output))
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    last = (monitor.summary or {}).get("last_window")
+    run = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": str(model_path), "data": str(data), "tokens": dataset.num_tokens,
+        "sequences": len(dataset), "seq_len": options.seq_len, "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0), 4), "learning_rate": options.learning_rate,
+        "warmup": options.warmup, "effective_batch_size": options.batch_size * options.grad_accum * args.world_size,
+        "world_size": args.world_size, "aux_loss_coef": aux_coef, "z_loss_coef": options.z_loss_coef,
+        "train": ",".join(sorted(groups)), "trainable_params": counts["trainable"],
+        "lora": {"r": options.lora_r, "alpha": options.lora_alpha} if options.lora else None,
+        "bf16": options.bf16, "seed": options.seed, "final_loss": losses[-1] if losses else result.training_loss,
+        "train_loss": result.training_loss, "expert_load": _load_brief(last),
+        "versions": {"upcycle": __version__, "transformers": _version("transformers"), "torch": torch.__version__},
+    }
+    if args.should_save:
+        record_training(model_path, output, run)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(output, trainer.state.global_step, run["final_loss"], losses, monitor.summary, run)
+
+
+def _cpu_only_distributed() -> bool:
+    """Several processes (torchrun, accelerate launch) and no accelerator: DDP over gloo on CPU.
+
+    accelerate only picks its multi-CPU mode when told ``cpu``; without it each process would train alone.
+    """
+    import os
+
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+
+
+def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
+    """``activation_checkpointing`` (transformers >= 5.x) or its older name ``gradient_checkpointing``."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def _version(name: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(name)
+
+
+def _load_brief(stats: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    if not stats:
+        return None
+    return {"num_experts": stats["num_experts"], "tokens": stats["tokens"], "cv_mean": round(stats["cv_mean"], 4),
+            "cv_max": round(stats["cv_max"], 4), "min_share": round(stats["min_share_overall"], 4),
+            "max_share": round(stats["max_share_overall"], 4), "cv_per_layer": [round(c, 4) for c in stats["cv"]]}
+
