@@ -138,12 +138,21 @@ def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype
 @cli.command(name="inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--routing", type=click.Path(), help="Measure expert load on this data (text/JSONL/folder) and draw it.")
+@click.option("--heatmap", type=click.Path(), default="routing_heatmap.png", show_default=True,
+              help="PNG written by --routing (layers x experts).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Sequence length for --routing.")
+@click.option("--max-tokens", type=int, default=65536, show_default=True, help="Tokens of --routing data to use.")
 @_user_errors
-def inspect_cmd(path: str, as_json: bool) -> None:
+def inspect_cmd(path: str, as_json: bool, routing: str | None, heatmap: str, seq_len: int, max_tokens: int) -> None:
     """Describe the MoE checkpoint at PATH: layers, experts, parameters, bytes, recipe."""
     from .inspection import inspect as run_inspect
 
     info = run_inspect(path)
+    if routing:
+        from .cli_train import routing_report
+
+        info["routing"] = routing_report(path, routing, heatmap, seq_len, max_tokens)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -160,6 +169,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
                    f"{'exact' if info['exact'] else 'not exact'}")
     if info.get("note"):
         click.echo(f"  note: {info['note']}")
+    if routing:
+        r = info["routing"]
+        click.echo(f"  routing on {routing} ({r['tokens']} tokens): load cv {r['cv_mean']:.3f} (max {r['cv_max']:.3f}), "
+                   f"shares {r['min_share_overall']:.3f}..{r['max_share_overall']:.3f}; heatmap: {r['heatmap']}")
 
 
 def main() -> None:

@@ -69,3 +69,14 @@ def _is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def routing_report(model: str, data: str, heatmap: str, seq_len: int, max_tokens: int) -> dict[str, Any]:
+    """``inspect --routing``: measure the expert load on ``data`` and write the heatmap PNG."""
+    from .quiet import quiet_libraries
+    from .train.routing_heatmap import measure_routing, plot_routing_heatmap
+
+    quiet_libraries()
+    stats = measure_routing(model, data, seq_len=seq_len, max_tokens=max_tokens)
+    stats["heatmap"] = str(plot_routing_heatmap(stats, heatmap))
+    return stats

@@ -20,7 +20,7 @@ def assignment_counts(router_logits: Sequence[torch.Tensor], top_k: int) -> torc
     return torch.stack(rows)
 
 
-def load_stats(counts: torch.Tensor, layers: Optional[Sequence[int]] = None) -> dict[str, Any]:
+def load_stats(counts: torch.Tensor, layers: Optional[Sequence[int]] = None, top_k: int = 1) -> dict[str, Any]:
     """Per-layer share of assignments, coefficient of variation (std/mean) and min/max share.
 
     A perfectly balanced layer has cv 0 and every share equal to 1/experts.
@@ -32,7 +32,7 @@ def load_stats(counts: torch.Tensor, layers: Optional[Sequence[int]] = None) -> 
     return {
         "layers": layers,
         "num_experts": counts.shape[1],
-        "tokens": int(counts[0].sum()) if counts.numel() else 0,
+        "tokens": int(counts[0].sum()) // top_k if counts.numel() else 0,
         "share": shares.tolist(),
         "cv": cv.tolist(),
         "min_share": shares.min(dim=1).values.tolist(),
@@ -101,7 +101,7 @@ class ExpertLoadCallback(TrainerCallback):
         if window is None:
             return
         self.total = window if self.total is None else self.total + window
-        self.last = load_stats(window, self.layers)
+        self.last = load_stats(window, self.layers, self.top_k)
         entries = log_entries(self.last)
         if losses[2] > 0:
             entries["moe/aux_loss"] = round(float(losses[0] / losses[2]), 5)
@@ -114,10 +114,10 @@ class ExpertLoadCallback(TrainerCallback):
         window = self._reduce_window()
         if window is not None:
             self.total = window if self.total is None else self.total + window
-            self.last = load_stats(window, self.layers)
+            self.last = load_stats(window, self.layers, self.top_k)
         if self.total is None:
             return
-        self.summary = {"run": load_stats(self.total, self.layers), "last_window": self.last}
+        self.summary = {"run": load_stats(self.total, self.layers, self.top_k), "last_window": self.last}
         if state.is_world_process_zero:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / "expert_load.json").write_text(json.dumps(self.summary, indent=2) + "\n")
