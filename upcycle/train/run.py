@@ -95,17 +95,14 @@ def _load_tokenizer(model_path: Path):
         return None
 
 
-def _apply_lora(model: Any, options: TrainOptions, num_experts: int) -> Any:
-    """Wrap the model with LoRA adapters (peft) on its linear layers; the routers train fully."""
+def _apply_lora(model: Any, options: TrainOptions) -> Any:
+    """Wrap the model with LoRA adapters (peft ``all-linear``: attention, routers and fused experts)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise RecipeError("--lora needs peft: pip install 'upcycle[train]' (or pip install peft)") from None
-    from .moe_model import router_modules
-
-    routers = [name for name, _ in router_modules(model, num_experts)]
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, target_modules="all-linear",
-                        modules_to_save=routers or None, task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -153,7 +150,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     counts = freeze_except(model, groups, num_experts)
     layers = router_layers(model, num_experts)
     if options.lora:
-        model = _apply_lora(model, options, num_experts)
+        model = _apply_lora(model, options)
 
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
