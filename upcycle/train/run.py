@@ -159,7 +159,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         save_steps=options.save_steps,
         save_total_limit=2, logging_steps=options.logging_steps, seed=options.seed, data_seed=options.seed,
         weight_decay=options.weight_decay, lr_scheduler_type=options.lr_scheduler, report_to=options.report_to,
-        remove_unused_columns=False, disable_tqdm=options.quiet, use_cpu=_cpu_only_distributed(),
+        remove_unused_columns=False, disable_tqdm=options.quiet, use_cpu=not _has_accelerator(),
         **_checkpointing_arg(options.gradient_checkpointing), **options.extra_args)
     monitor = ExpertLoadCallback(top_k, layers)
     trainer = UpcycleTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
@@ -206,18 +206,16 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     return TrainResult(output, trainer.state.global_step, run["final_loss"], losses, monitor.summary, run)
 
 
-def _cpu_only_distributed() -> bool:
-    """Several processes (torchrun, accelerate launch) and no accelerator: DDP over gloo on CPU.
+def _has_accelerator() -> bool:
+    """Whether torch sees a GPU (or other accelerator).
 
-    accelerate only picks its multi-CPU mode when told ``cpu``; without it each process would train alone.
+    Without one, TrainingArguments must be told ``use_cpu``: otherwise accelerate does not pick its
+    multi-CPU (gloo) mode under torchrun, and each process would train alone; --bf16 needs it too.
     """
-    import os
-
     import torch
 
     accelerator = getattr(torch, "accelerator", None)
-    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
