@@ -196,3 +196,19 @@ def test_user_errors_are_one_line(work, case):
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
     assert not (folder / f"err-{case}").exists()
+
+
+def test_gradient_accumulation_keeps_the_router_loss_weight(work):
+    """One SGD step on 8 sequences, as 1x8 or as 2 micro-batches of 4: the router moves the same way.
+    (Adding the per-micro-batch router loss without averaging would double its weight.)"""
+    from safetensors.torch import load_file
+
+    sgd = {"optim": "sgd", "max_grad_norm": 0}
+    for batch, accum in ((8, 1), (4, 2)):
+        _train(work, f"ga{accum}", max_steps=1, batch_size=batch, grad_accum=accum, learning_rate=1.0,
+               aux_loss_coef=1.0, z_loss_coef=1.0, extra_args=sgd)
+    base = load_file(work["moe"] / "model.safetensors")
+    one, two = (load_file(work["folder"] / f"ga{a}" / "model.safetensors") for a in (1, 2))
+    for key in (k for k in base if k.endswith("gate.weight")):
+        ratio = float((two[key] - base[key]).norm() / (one[key] - base[key]).norm())
+        assert 0.9 < ratio < 1.1, (key, ratio)
