@@ -34,7 +34,7 @@ from .cli import _user_errors
 @click.option("--lora", is_flag=True, help="Train LoRA adapters (peft) on linear layers plus the routers; merged on save.")
 @click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--lora-alpha", type=int, default=32, show_default=True, help="LoRA alpha.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation-free randomness (data order).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the data order (and LoRA init).")
 @click.option("--report-to", default="none", show_default=True, help="Trainer loggers: none, tensorboard, wandb, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

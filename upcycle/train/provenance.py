@@ -56,5 +56,6 @@ def training_paragraph(run: dict[str, Any], number: int) -> str:
             f"sequences of {run['seq_len']}, {run['steps']} optimizer steps, learning rate {run['learning_rate']}, "
             f"effective batch {run['effective_batch_size']} sequences on {run['world_size']} process(es), "
             f"load-balancing loss coefficient {run['aux_loss_coef']}, router z-loss coefficient "
-            f"{run['z_loss_coef']}, trained parameters: {run['train']}{lora}. Final training loss {loss}."
+            f"{run['z_loss_coef']}, trained parameters: {run['train']}{lora}. Final training loss "
+            f"(language model + router terms) {loss}."
             f"{balance} The run is recorded under `upcycle.training` in `upcycle_recipe.json`.")

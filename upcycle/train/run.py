@@ -113,15 +113,13 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     Checkpoints go to ``output/checkpoints``; the final model, tokenizer, updated recipe and card to
     ``output``. Works under ``torchrun`` and ``accelerate launch`` (one call per process).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, default_data_collator
+    from transformers import AutoConfig, default_data_collator
 
-    from .. import __version__
     from .data import load_packed
-    from .moe_model import check_seq_len, freeze_except, moe_shape, parse_train_groups, router_layers
+    from .moe_model import check_seq_len, moe_shape, parse_train_groups
     from .monitor import ExpertLoadCallback
     from .provenance import record_training
-    from .trainer import UpcycleTrainer, disable_model_aux_loss, to_dtype_for_save
+    from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
     model_path, output = Path(model_path), Path(output)
@@ -141,52 +139,16 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     dataset = load_packed(data, tokenizer, options.seq_len, eos, getattr(config, "vocab_size", None))
 
-    saved_dtype = getattr(config, "dtype", None)
-    saved_dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else saved_dtype
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    keep = {k: getattr(model.config, k, None) for k in ("use_cache", "output_router_logits")}
-    disable_model_aux_loss(model)
-    model.config.use_cache = False
-    counts = freeze_except(model, groups, num_experts)
-    layers = router_layers(model, num_experts)
-    if options.lora:
-        model = _apply_lora(model, options)
-
-    args = TrainingArguments(
-        output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
-        learning_rate=options.learning_rate, per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum, warmup_steps=options.warmup, bf16=options.bf16,
-        save_steps=options.save_steps,
-        save_total_limit=2, logging_steps=options.logging_steps, seed=options.seed, data_seed=options.seed,
-        weight_decay=options.weight_decay, lr_scheduler_type=options.lr_scheduler, report_to=options.report_to,
-        remove_unused_columns=False, disable_tqdm=options.quiet, use_cpu=not _has_accelerator(),
-        **_checkpointing_arg(options.gradient_checkpointing), **options.extra_args)
+    model, layers, restore = _prepare_model(model_path, options, groups, num_experts)
+    args = _training_arguments(output, options)
     monitor = ExpertLoadCallback(top_k, layers)
     trainer = UpcycleTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                              processing_class=tokenizer, top_k=top_k, aux_loss_coef=aux_coef,
                              z_loss_coef=options.z_loss_coef, load_monitor=monitor)
     result = trainer.train(resume_from_checkpoint=resume_from)
-
-    final = trainer.accelerator.unwrap_model(trainer.model)
-    if options.lora:
-        final = final.merge_and_unload()
-    final.config.router_aux_loss_coef = aux_coef
-    for key, value in keep.items():
-        setattr(final.config, key, value)
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    if options.lora:
-        if args.should_save:
-            to_dtype_for_save(final, saved_dtype)
-            final.save_pretrained(output)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(output)
-    else:
-        if not sharded:
-            to_dtype_for_save(final, saved_dtype)
-        trainer.save_model(str(output))
+    _save_final(trainer, output, options, {**restore, "router_aux_loss_coef": aux_coef}, _dtype_of(config))
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    last = (monitor.summary or {}).get("last_window")
     run = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": str(model_path), "data": str(data), "tokens": dataset.num_tokens,
@@ -194,16 +156,92 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         "epochs": round(float(trainer.state.epoch or 0), 4), "learning_rate": options.learning_rate,
         "warmup": options.warmup, "effective_batch_size": options.batch_size * options.grad_accum * args.world_size,
         "world_size": args.world_size, "aux_loss_coef": aux_coef, "z_loss_coef": options.z_loss_coef,
-        "train": ",".join(sorted(groups)), "trainable_params": counts["trainable"],
+        "train": "lora" if options.lora else ",".join(sorted(groups)),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "lora": {"r": options.lora_r, "alpha": options.lora_alpha} if options.lora else None,
         "bf16": options.bf16, "seed": options.seed, "final_loss": losses[-1] if losses else result.training_loss,
-        "train_loss": result.training_loss, "expert_load": _load_brief(last),
-        "versions": {"upcycle": __version__, "transformers": _version("transformers"), "torch": torch.__version__},
+        "train_loss": result.training_loss, "expert_load": _load_brief((monitor.summary or {}).get("last_window")),
+        "versions": _versions(),
     }
     if args.should_save:
         record_training(model_path, output, run)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(output, trainer.state.global_step, run["final_loss"], losses, monitor.summary, run)
+
+
+def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], num_experts: int):
+    """Load in fp32, switch off the in-forward aux loss and the cache, freeze, wrap with LoRA.
+
+    Returns the model, the decoder layer of each router and the config values to restore on save.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .moe_model import freeze_except, router_layers
+    from .trainer import disable_model_aux_loss
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    restore = {k: getattr(model.config, k, None) for k in ("use_cache", "output_router_logits")}
+    disable_model_aux_loss(model)
+    model.config.use_cache = False
+    freeze_except(model, groups, num_experts)
+    layers = router_layers(model, num_experts)
+    if options.lora:
+        model = _apply_lora(model, options)
+    return model, layers, restore
+
+
+def _training_arguments(output: Path, options: TrainOptions):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
+        learning_rate=options.learning_rate, per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, warmup_steps=options.warmup, bf16=options.bf16,
+        save_steps=options.save_steps, save_total_limit=2, logging_steps=options.logging_steps,
+        seed=options.seed, data_seed=options.seed, weight_decay=options.weight_decay,
+        lr_scheduler_type=options.lr_scheduler, report_to=options.report_to, remove_unused_columns=False,
+        disable_tqdm=options.quiet, use_cpu=not _has_accelerator(),
+        **_checkpointing_arg(options.gradient_checkpointing), **options.extra_args)
+
+
+def _save_final(trainer: Any, output: Path, options: TrainOptions, config_values: dict[str, Any], dtype: Any) -> None:
+    """Write the trained model (LoRA merged) with its training-time config switches undone."""
+    from .trainer import to_dtype_for_save
+
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if options.lora:
+        final = final.merge_and_unload()
+    for key, value in config_values.items():
+        setattr(final.config, key, value)
+    if hasattr(final, "router_aux_loss_coef"):
+        final.router_aux_loss_coef = config_values["router_aux_loss_coef"]
+    if options.lora:
+        if trainer.args.should_save:
+            to_dtype_for_save(final, dtype)
+            final.save_pretrained(output)
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(output)
+        return
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded weights: saved as trained
+        to_dtype_for_save(final, dtype)
+    trainer.save_model(str(output))
+
+
+def _dtype_of(config: Any) -> Any:
+    import torch
+
+    dtype = getattr(config, "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    from .. import __version__
+
+    return {"upcycle": __version__, "transformers": importlib.metadata.version("transformers"),
+            "torch": importlib.metadata.version("torch")}
 
 
 def _has_accelerator() -> bool:
@@ -224,12 +262,6 @@ def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
-
-
-def _version(name: str) -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version(name)
 
 
 def _load_brief(stats: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
