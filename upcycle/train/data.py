@@ -107,6 +107,8 @@ class PackedDataset:
 
 def vocab_check(dataset: PackedDataset, vocab_size: int, source: str) -> None:
     """Refuse token ids the model's embedding cannot look up."""
+    if not vocab_size:
+        return
     top = int(dataset.blocks.max())
     if top >= vocab_size or int(dataset.blocks.min()) < 0:
         raise DataError(f"{source}: token id {top} is outside the model's vocabulary (size {vocab_size}); "
@@ -117,6 +119,5 @@ def load_packed(path: str | Path, tokenizer: Any, seq_len: int, eos_token_id: Op
                 vocab_size: Optional[int] = None) -> PackedDataset:
     """Read, tokenise and pack ``path`` into ``seq_len`` blocks."""
     dataset = PackedDataset(tokenise(path, tokenizer, eos_token_id), seq_len, str(path))
-    if vocab_size:
-        vocab_check(dataset, vocab_size, str(path))
+    vocab_check(dataset, vocab_size, str(path))
     return dataset

@@ -27,9 +27,17 @@ def moe_shape(config: Any, path: str = "model") -> tuple[int, int]:
     return int(experts), int(top_k)
 
 
+def text_attr(config: Any, name: str) -> Any:
+    """A language-model setting, read from the config or its text sub-config (composite configs)."""
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "get_text_config"):
+        value = getattr(config.get_text_config(), name, None)
+    return value
+
+
 def check_seq_len(config: Any, seq_len: int) -> None:
     """Refuse sequences longer than the model's position range."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = text_attr(config, "max_position_embeddings")
     if seq_len < 2:
         raise RecipeError(f"--seq-len must be at least 2, got {seq_len}")
     if limit and seq_len > limit:

@@ -19,9 +19,9 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .data import PackedDataset, tokenise, vocab_check
-    from .moe_model import moe_shape, router_layers
+    from .moe_model import moe_shape, router_layers, text_attr
     from .monitor import assignment_counts, load_stats
-    from .run import _load_tokenizer
+    from .run import _load_tokenizer, eos_id
     from .trainer import router_logits_of
 
     model_path = Path(model_path)
@@ -30,11 +30,10 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     config = AutoConfig.from_pretrained(model_path)
     num_experts, top_k = moe_shape(config, str(model_path))
     tokenizer = _load_tokenizer(model_path)
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    stream = tokenise(data, tokenizer, eos)[:max_tokens]
-    seq_len = min(seq_len, len(stream), getattr(config, "max_position_embeddings", None) or seq_len)
+    stream = tokenise(data, tokenizer, eos_id(tokenizer, config))[:max_tokens]
+    seq_len = min(seq_len, len(stream), text_attr(config, "max_position_embeddings") or seq_len)
     dataset = PackedDataset(stream, seq_len, str(data))
-    vocab_check(dataset, config.vocab_size, str(data))
+    vocab_check(dataset, text_attr(config, "vocab_size"), str(data))
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     counts = None

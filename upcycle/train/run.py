@@ -86,6 +86,16 @@ def _resume_checkpoint(output: Path, options: TrainOptions) -> Optional[str]:
     return None
 
 
+def eos_id(tokenizer: Any, config: Any) -> Optional[int]:
+    """The document separator: the tokenizer's EOS, else the config's (first one when a list)."""
+    from .moe_model import text_attr
+
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    if eos is None:
+        eos = text_attr(config, "eos_token_id")
+    return eos[0] if isinstance(eos, list) else eos
+
+
 def _load_tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 
@@ -116,7 +126,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     from transformers import AutoConfig, default_data_collator
 
     from .data import load_packed
-    from .moe_model import check_seq_len, moe_shape, parse_train_groups
+    from .moe_model import check_seq_len, moe_shape, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
     from .provenance import record_training
     from .trainer import UpcycleTrainer
@@ -134,19 +144,17 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
     tokenizer = _load_tokenizer(model_path)
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    if eos is None:
-        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    dataset = load_packed(data, tokenizer, options.seq_len, eos, getattr(config, "vocab_size", None))
+    dataset = load_packed(data, tokenizer, options.seq_len, eos_id(tokenizer, config), text_attr(config, "vocab_size"))
 
     model, layers, restore = _prepare_model(model_path, options, groups, num_experts)
     args = _training_arguments(output, options)
     monitor = ExpertLoadCallback(top_k, layers)
     trainer = UpcycleTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                              processing_class=tokenizer, top_k=top_k, aux_loss_coef=aux_coef,
-                             z_loss_coef=options.z_loss_coef, load_monitor=monitor)
+                             z_loss_coef=options.z_loss_coef, load_monitor=monitor,
+                             router_type=getattr(config, "router_type", None) or "softmax")
     result = trainer.train(resume_from_checkpoint=resume_from)
-    _save_final(trainer, output, options, {**restore, "router_aux_loss_coef": aux_coef}, _dtype_of(config))
+    _save_final(trainer, output, options, restore, (aux_coef, options.z_loss_coef), _dtype_of(config))
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     run = {
@@ -178,11 +186,11 @@ def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], nu
     from transformers import AutoModelForCausalLM
 
     from .moe_model import freeze_except, router_layers
-    from .trainer import disable_model_aux_loss
+    from .trainer import set_model_router_losses
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     restore = {k: getattr(model.config, k, None) for k in ("use_cache", "output_router_logits")}
-    disable_model_aux_loss(model)
+    set_model_router_losses(model, 0.0, 0.0)
     model.config.use_cache = False
     freeze_except(model, groups, num_experts)
     layers = router_layers(model, num_experts)
@@ -202,20 +210,23 @@ def _training_arguments(output: Path, options: TrainOptions):
         seed=options.seed, data_seed=options.seed, weight_decay=options.weight_decay,
         lr_scheduler_type=options.lr_scheduler, report_to=options.report_to, remove_unused_columns=False,
         disable_tqdm=options.quiet, use_cpu=not _has_accelerator(),
-        **_checkpointing_arg(options.gradient_checkpointing), **options.extra_args)
+        **{**_checkpointing_arg(options.gradient_checkpointing),
+           # experts that get no token in a micro-batch have no gradient: DDP must expect that
+           "ddp_find_unused_parameters": True, **options.extra_args})
 
 
-def _save_final(trainer: Any, output: Path, options: TrainOptions, config_values: dict[str, Any], dtype: Any) -> None:
-    """Write the trained model (LoRA merged) with its training-time config switches undone."""
-    from .trainer import to_dtype_for_save
+def _save_final(trainer: Any, output: Path, options: TrainOptions, restore: dict[str, Any],
+                router_losses: tuple[float, float], dtype: Any) -> None:
+    """Write the trained model (LoRA merged) with its training-time config switches undone and the
+    router-loss coefficients of the run in its config."""
+    from .trainer import set_model_router_losses, to_dtype_for_save
 
     final = trainer.accelerator.unwrap_model(trainer.model)
     if options.lora:
         final = final.merge_and_unload()
-    for key, value in config_values.items():
+    for key, value in restore.items():
         setattr(final.config, key, value)
-    if hasattr(final, "router_aux_loss_coef"):
-        final.router_aux_loss_coef = config_values["router_aux_loss_coef"]
+    set_model_router_losses(final, *router_losses)
     if options.lora:
         if trainer.args.should_save:
             to_dtype_for_save(final, dtype)

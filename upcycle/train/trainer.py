@@ -26,14 +26,16 @@ class UpcycleTrainer(Trainer):
     """A :class:`~transformers.Trainer` that adds ``aux_loss_coef * load_balancing + z_loss_coef * z_loss``
     to the language-model loss and feeds an :class:`ExpertLoadCallback`.
 
-    The model's own auxiliary loss must be off (``router_aux_loss_coef = 0``): this class adds the
-    balancing term itself, so that it is scaled the same way under gradient accumulation for every model.
+    The model's own router losses must be off (:func:`set_model_router_losses` with zeros): this class adds
+    them itself, so that they are scaled the same way under gradient accumulation for every model.
+    ``router_type`` is ``softmax`` or ``sigmoid`` (the balancing loss then uses normalised sigmoid scores).
     """
 
     def __init__(self, *args: Any, top_k: int, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
-                 load_monitor: Optional[ExpertLoadCallback] = None, **kwargs: Any):
+                 load_monitor: Optional[ExpertLoadCallback] = None, router_type: str = "softmax", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.top_k = top_k
+        self.router_type = router_type
         self.aux_loss_coef = aux_loss_coef
         self.z_loss_coef = z_loss_coef
         self.load_monitor = load_monitor or ExpertLoadCallback(top_k)
@@ -50,7 +52,7 @@ class UpcycleTrainer(Trainer):
         inputs = {**inputs, "output_router_logits": True, "use_cache": False}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         router_logits = router_logits_of(outputs)
-        aux = load_balancing_loss(router_logits, self.top_k)
+        aux = load_balancing_loss(router_logits, self.top_k, self.router_type)
         z = router_z_loss(router_logits)
         extra = self.aux_loss_coef * aux + self.z_loss_coef * z
         if model.training:
@@ -63,11 +65,20 @@ class UpcycleTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def disable_model_aux_loss(model: Any) -> None:
-    """Turn off the aux loss a native MoE adds inside ``forward`` (UpcycleTrainer adds its own)."""
-    model.config.router_aux_loss_coef = 0.0
-    if hasattr(model, "router_aux_loss_coef"):
-        model.router_aux_loss_coef = 0.0
+ROUTER_LOSS_KEYS = ("router_aux_loss_coef", "router_z_loss_coef")
+
+
+def set_model_router_losses(model: Any, aux: float, z: float) -> None:
+    """Set the router-loss coefficients a model adds inside ``forward`` (config and cached attributes).
+
+    Training sets both to 0 (UpcycleTrainer adds its own terms); the saved config gets the values used.
+    A model without a z-loss setting keeps having none.
+    """
+    for key, value in zip(ROUTER_LOSS_KEYS, (aux, z)):
+        if key == "router_aux_loss_coef" or hasattr(model.config, key):
+            setattr(model.config, key, value)
+        if hasattr(model, key):
+            setattr(model, key, value)
 
 
 def to_dtype_for_save(model: Any, dtype: Optional[torch.dtype]) -> None:
