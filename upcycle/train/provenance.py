@@ -34,6 +34,19 @@ def record_training(source: Path, output: Path, run: dict[str, Any]) -> None:
     (output / CARD_FILE).write_text(card.rstrip() + "\n\n" + training_paragraph(run, number) + "\n")
 
 
+def copy_code_files(source: Path, output: Path) -> list[str]:
+    """Copy the source's remote-code modules (``*.py``, e.g. the bundled model's) that ``output`` lacks,
+    so the trained checkpoint still loads with ``trust_remote_code`` where upcycle is not installed."""
+    import shutil
+
+    copied = []
+    for file in sorted(Path(source).glob("*.py")):
+        if not (Path(output) / file.name).exists():
+            shutil.copy2(file, Path(output) / file.name)
+            copied.append(file.name)
+    return copied
+
+
 def _minimal_card(source: Path) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 

@@ -128,7 +128,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     from .data import load_packed
     from .moe_model import check_seq_len, moe_shape, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
-    from .provenance import record_training
+    from .provenance import copy_code_files, record_training
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
@@ -173,6 +173,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     }
     if args.should_save:
         record_training(model_path, output, run)
+        copy_code_files(model_path, output)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(output, trainer.state.global_step, run["final_loss"], losses, monitor.summary, run)
 
@@ -225,7 +226,10 @@ def _save_final(trainer: Any, output: Path, options: TrainOptions, restore: dict
     if options.lora:
         final = final.merge_and_unload()
     for key, value in restore.items():
-        setattr(final.config, key, value)
+        if value is not None:
+            setattr(final.config, key, value)
+        elif key in vars(final.config):  # absent before training: leave it absent
+            delattr(final.config, key)
     set_model_router_losses(final, *router_losses)
     if options.lora:
         if trainer.args.should_save:
