@@ -212,3 +212,17 @@ def test_gradient_accumulation_keeps_the_router_loss_weight(work):
     for key in (k for k in base if k.endswith("gate.weight")):
         ratio = float((two[key] - base[key]).norm() / (one[key] - base[key]).norm())
         assert 0.9 < ratio < 1.1, (key, ratio)
+
+
+def test_bundled_model_trains_and_keeps_its_code(work, tmp_path):
+    """The bundled UpcycleMoeForCausalLM (when this checkout has it): trains, reloads, ships its code."""
+    pytest.importorskip("upcycle.modeling")
+    from transformers import AutoModelForCausalLM
+
+    moe = _moe(tmp_path, target="upcycle")
+    result = _train(work, "bundled", model=moe, max_steps=12, z_loss_coef=1e-3, train="experts,routers")
+    assert result.losses[-1] < result.losses[0]
+    out = work["folder"] / "bundled"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "UpcycleMoeForCausalLM"
+    assert {p.name for p in moe.glob("*.py")} <= {p.name for p in out.glob("*.py")}
+    assert read_json(out / "config.json")["router_z_loss_coef"] == 1e-3
