@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli import _user_errors
+from .cli_common import _user_errors
 
 
 @click.command(name="train")
