@@ -42,10 +42,12 @@ def work(tmp_path_factory):
     return {"root": root, "dense": dense, "logits": logits, "text": text, "count": [0]}
 
 
-def convert(work, family, *args, ok=True):
+def convert(work, family, *args, ok=True, verify=False):
+    """Run ``upcycle convert`` (conversion-time verification off unless asked: the tests measure logits)."""
     work["count"][0] += 1
     out = work["root"] / f"out{work['count'][0]}"
-    result = CliRunner().invoke(cli, ["convert", str(work["dense"][family]), str(out), "-q", *map(str, args)])
+    flag = "--verify" if verify else "--no-verify"
+    result = CliRunner().invoke(cli, ["convert", str(work["dense"][family]), str(out), "-q", flag, *map(str, args)])
     if ok:
         assert result.exit_code == 0, result.output
     return out, result
@@ -183,7 +185,7 @@ def test_recipe_file_flags_override_and_output_recipe_reproduces(work, tmp_path)
     recipe.write_text(yaml.safe_dump({"method": "split", "granularity": 4, "num_experts": 6, "top_k": 3,
                                       "shared_experts": 1, "split_strategy": "activation", "router_init": "kmeans",
                                       "calibration": str(work["text"]), "layers": [0, 2], "seed": 1}))
-    out, _ = convert(work, "qwen2", "--recipe", recipe, "--seed", 9)
+    out, _ = convert(work, "qwen2", "--recipe", recipe, "--seed", 9, verify=True)
     written = read_json(out / "upcycle_recipe.json")
     assert written["seed"] == 9 and written["layers"] == "0,2" and written["shared_experts"] == 1
     assert logit_diff(work, "qwen2", out) <= 1e-4
