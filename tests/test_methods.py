@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import VOCAB, make_dense, read_json, save_tiny_tokenizer
+from factories import CONFIGS, VOCAB, make_dense, max_logit_diff, read_json, save_tiny_tokenizer
 from safetensors.torch import load_file
 
 from upcycle.cli import cli
@@ -269,3 +269,17 @@ def test_calibration_folder_of_jsonl(work, tmp_path):
     out, _ = convert(work, "qwen3", "--method", "split", "-g", 2, "-e", 4, "-k", 2, "--split-strategy",
                      "activation", "--calibration", folder)
     assert logit_diff(work, "qwen3", out) <= 1e-4
+
+
+# --- split on the other families' native targets (packed, fused and shared-MLP layouts) ----------
+OTHER_FAMILIES = sorted(set(CONFIGS) - set(NATIVE))
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_split_is_exact_on_other_native_targets(tmp_path, family):
+    dense = make_dense(family, tmp_path / "dense")
+    out = tmp_path / "moe"
+    result = CliRunner().invoke(cli, ["convert", str(dense), str(out), "-q", "--no-verify", "--method", "split",
+                                      "-g", "2", "-e", "4", "-k", "2", "--split-strategy", "random"])
+    assert result.exit_code == 0, result.output
+    assert max_logit_diff(dense, out) <= 1e-4
