@@ -61,14 +61,20 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _load_tokenizer(moe_path: Path, dense_src):
-    """The MoE's tokenizer, else the dense model's, else None."""
+    """The MoE's tokenizer, else the dense model's, else None.
+
+    transformers 5 builds an empty tokenizer for a folder without tokenizer files; one that turns
+    text into no ids is treated as missing.
+    """
     from transformers import AutoTokenizer
 
     for kwargs in ({"pretrained_model_name_or_path": str(moe_path)}, dense_src.pretrained_kwargs()):
         try:
-            return AutoTokenizer.from_pretrained(**kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         except Exception:  # noqa: BLE001 - a folder without a usable tokenizer
             continue
+        if tokenizer(DEFAULT_PROMPTS[0], add_special_tokens=False).input_ids:
+            return tokenizer
     return None
 
 
@@ -140,6 +146,9 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     if tokenizer is not None:
         prompts = list(prompts or DEFAULT_PROMPTS)
         encoded = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+        empty = [p for p, ids in zip(prompts, encoded) if ids.numel() == 0]
+        if empty:
+            raise RecipeError(f"prompt {empty[0]!r} gives no tokens; give prompts with text")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     elif prompts:
         raise SourceNotFoundError(f"--prompts needs a tokenizer, and neither {moe} nor {dense} has one")
