@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Recipe", "convert", "verify", "inspect", "ConversionResult", "VerifyReport", "UpcycleError"]
+__all__ = ["Recipe", "convert", "verify", "inspect", "push", "ConversionResult", "VerifyReport", "UpcycleError"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConversionResult, convert
     from .errors import UpcycleError
+    from .hub_push import push
     from .inspection import inspect
     from .recipe import Recipe
     from .verify import VerifyReport, verify
 
 _LAZY = {
     "Recipe": ".recipe", "convert": ".convert", "ConversionResult": ".convert", "verify": ".verify",
-    "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors",
+    "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors", "push": ".hub_push",
 }
 
 
