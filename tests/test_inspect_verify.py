@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli
-from factories import make_dense, save_tiny_tokenizer
+from factories import CONFIGS, make_dense, save_tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -224,3 +224,18 @@ def test_inspect_errors(tmp_path, pair):
     torch.save(load_file(dense / "model.safetensors"), binary / "pytorch_model.bin")
     r = run_cli("inspect", binary)
     assert r.exit_code != 0 and r.output.startswith("error:") and "safetensors" in r.output
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_inspect_agrees_with_the_plan(tmp_path, family):
+    """For every family's auto target (packed experts included), inspect finds the MoE layers and
+    counts the same active parameters as the conversion planned."""
+    import upcycle
+
+    result = upcycle.convert(make_dense(family, tmp_path / "dense"), tmp_path / "moe", num_experts=4, top_k=1,
+                             quiet=True, verify=False)
+    info = upcycle.inspect(tmp_path / "moe")
+    s = result.summary
+    assert info["moe_layers"] == s["moe_layers"] and info["num_experts"] == 4 and info["top_k"] == 1
+    assert info["total_params"] == s["total_params"]
+    assert info["active_params"] == s["active_params"] < s["total_params"]
