@@ -138,6 +138,13 @@ def test_verify_bad_prompts(tmp_path, pair, content, name, fragment):
     assert result.output.startswith("error:") and fragment in result.output
 
 
+def test_verify_bad_device(pair):
+    dense, moe = pair
+    result = run_cli("verify", dense, moe, "--device", "warp-drive", "-q")
+    assert result.exit_code == 2 and result.output.startswith("error: --device 'warp-drive'")
+    assert "Traceback" not in result.output
+
+
 def test_verify_bad_paths(tmp_path, pair):
     dense, moe = pair
     r = run_cli("verify", dense, tmp_path / "nope", "-q")

@@ -129,6 +129,16 @@ def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weight
     return logits, generations
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any model is loaded."""
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError) as exc:
+        raise RecipeError(f"--device {device!r} cannot be used: {str(exc).splitlines()[0]}") from None
+
+
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
            dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
            quiet: bool = False) -> VerifyReport:
@@ -150,6 +160,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise RecipeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    _check_device(device)
     moe_path = Path(moe)
     if not (moe_path / "config.json").is_file():
         raise SourceNotFoundError(f"{moe}: not a model folder (no config.json)")
