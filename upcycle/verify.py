@@ -149,7 +149,6 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     """
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .io import open_source
