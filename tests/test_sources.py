@@ -241,3 +241,11 @@ def test_hub_offline_missing(tmp_path, offline_cache, args, fragment):
     out = tmp_path / "moe"
     result = run_cli("convert", *args[:1], out, *args[1:], "-q")
     assert_clean_error(result, out, fragment)
+
+
+def test_hub_dry_run_offline(tmp_path, offline_cache):
+    """A dry run on a cached repo id works offline and downloads nothing."""
+    result = run_cli("convert", "org/tiny-llama", tmp_path / "moe", "-e", "4", "--dry-run", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["target"] == "mixtral" and plan["num_experts"] == 4 and not (tmp_path / "moe").exists()
