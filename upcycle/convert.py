@@ -185,9 +185,19 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[
     if verify is None and free is not None and need > free // 2:
         return {"skipped": f"the MoE needs ~{need / 1e9:.1f} GB of RAM at float32, {free / 1e9:.1f} GB free; "
                            "pass --verify to force it"}
+    import torch
+
     dense = str(src.folder) if src.repo_id else src.spec
-    report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
-    result = {k: v for k, v in report.to_dict().items() if k != "per_prompt"}
+    # One thread: float reductions then run in a fixed order, so the numbers written into the card and
+    # the recipe (and so the files) are the same on every run with the same inputs and seed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    result = {k: float(f"{v:.3g}") if isinstance(v, float) else v
+              for k, v in report.to_dict().items() if k != "per_prompt"}
     if not report.passed:
         raise VerificationError(f"the converted MoE claims exactness but its logits differ from the dense model by "
                                 f"{report.max_abs_logit_diff:.3g} (> {report.atol:g}); nothing was written. "
