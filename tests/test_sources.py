@@ -105,6 +105,19 @@ def test_other_layouts_give_the_same_moe(tmp_path, reference, layout):
     assert max_logit_diff(dense, out) <= 1e-4
 
 
+def test_stale_rotary_buffers_are_dropped(tmp_path, reference):
+    """Old .bin checkpoints saved ``rotary_emb.inv_freq`` buffers; the MoE is the same without them."""
+    dense, moe = reference
+    folder = _copy_meta(dense, tmp_path / "old-bin")
+    state = _state_dict(dense)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.arange(8, dtype=torch.float32)
+    torch.save(state, folder / "pytorch_model.bin")
+    out = tmp_path / "moe"
+    result = run_cli("convert", folder, out, "-e", "4", "-k", "2", "-q", "--no-verify")
+    assert result.exit_code == 0, result.output
+    _assert_same_tensors(moe, out)
+
+
 def test_bin_is_loaded_with_weights_only(tmp_path, reference):
     """A pickle that runs code on load is refused (weights_only=True), naming the file."""
     dense, _ = reference

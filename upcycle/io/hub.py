@@ -57,7 +57,7 @@ def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str], quiet:
         raise SourceNotFoundError(f"Hub repo {repo_id} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise SourceNotFoundError(
-            f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
+            f"{repo_id}{'@' + revision if revision else ''}: not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1); download it once online, or pass a local folder") from None
     except OSError as exc:
         raise SourceNotFoundError(f"{repo_id}: download failed ({exc})") from None
