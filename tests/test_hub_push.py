@@ -307,3 +307,22 @@ def test_hub_card_metadata_choices():
     assert "trust_remote_code=True" in card.text and "not exact by design" in card.text and "0.731" in card.text
     assert "not run at conversion time (disabled with --no-verify)" in verification_text(
         {"skipped": "disabled with --no-verify"}, True)
+
+
+def test_push_uses_upload_large_folder_over_the_threshold_when_the_client_has_it(hub, moe, monkeypatch):
+    """huggingface_hub 1.x had the resumable ``upload_large_folder``; 2.x folded resuming into upload_folder."""
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def upload_large_folder(self, repo_id, folder_path, repo_type=None, revision=None, private=None):
+        calls.append((repo_id, repo_type, revision))
+        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision)
+
+    monkeypatch.setattr(HfApi, "upload_large_folder", upload_large_folder, raising=False)
+    import upcycle
+
+    upcycle.push(moe, "tester/large", quiet=True, large_threshold="200MB")
+    assert calls == []
+    result = upcycle.push(moe, "tester/large", quiet=True, large_threshold="100KB")
+    assert calls == [("tester/large", "model", None)] and result.commit_url is None
