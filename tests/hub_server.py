@@ -208,6 +208,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return sha
 
+    def _snapshot(self, repo_id: str, revision: str) -> tuple[Optional[Repo], Optional[str]]:
+        """The readable repo and the commit ``revision`` names, or ``(.., None)`` once an error is sent."""
+        repo = self._repo(repo_id)
+        return (repo, self._commit_of(repo, revision)) if repo is not None else (None, None)
+
     # -- endpoints -------------------------------------------------------------------------------
     def whoami(self, body: bytes, query: dict) -> None:
         if not self._authorized():
@@ -341,20 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
                          "pullRequestUrl": pr_url, "success": True})
 
     def model_info(self, body: bytes, query: dict, repo_id: str, revision: str = "main") -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        sha = self._commit_of(repo, revision)
+        repo, sha = self._snapshot(repo_id, revision)
         if sha is None:
             return
         self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                          "siblings": [{"rfilename": p} for p in sorted(repo.commits[sha])]})
 
     def tree(self, body: bytes, query: dict, repo_id: str, revision: str, prefix: str = "") -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        sha = self._commit_of(repo, revision)
+        repo, sha = self._snapshot(repo_id, revision)
         if sha is None:
             return
         entries = []
@@ -368,10 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, entries)
 
     def resolve(self, body: bytes, query: dict, repo_id: str, revision: str, path: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        sha = self._commit_of(repo, revision)
+        repo, sha = self._snapshot(repo_id, revision)
         if sha is None:
             return
         data = repo.commits[sha].get(path)
