@@ -160,9 +160,15 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
 
 
 def _free_memory() -> Optional[int]:
-    """Bytes of RAM available now (Linux/macOS), or None when unknown."""
+    """Bytes of RAM available now (Linux ``MemAvailable``, else free pages), or None when unknown."""
     import os
 
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
