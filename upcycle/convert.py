@@ -105,12 +105,14 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
 def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):
     from .errors import HubError
-    from .hub_push import push
+    from .hub_push import RESUME_HINT, push
 
     try:
         return push(output, repo_id, private=private, token=token, quiet=quiet)
     except HubError as exc:
-        raise HubError(f"converted to {output}, but {exc} (`upcycle push {output} {repo_id}`)") from None
+        reason = str(exc).replace(f"; {RESUME_HINT}", "")
+        raise HubError(f"converted to {output}, but {reason}; to push it (resuming), run "
+                       f"`upcycle push {output} {repo_id}`") from None
 
 
 def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:

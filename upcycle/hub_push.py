@@ -25,6 +25,7 @@ from .errors import HubError, IncompleteOutputError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_LARGE_THRESHOLD = "5GB"
+HIDDEN = [".*", "*/.*"]  # temp files, editor and OS droppings, upload_large_folder's own .cache
 RESUME_HINT = "run the same command again to resume: files already on the Hub are not sent again"
 
 
@@ -260,11 +261,11 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, revision: Opt
         size = sum((folder / f).stat().st_size for f in files)
         if size > limit and not create_pr and hasattr(api, "upload_large_folder"):  # huggingface_hub 1.x
             api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                    private=private)
+                                    private=private, ignore_patterns=HIDDEN)
             commit_url, pr_url, landed = None, None, branch
         else:
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                     revision=revision, create_pr=create_pr)
+                                     revision=revision, create_pr=create_pr, ignore_patterns=HIDDEN)
             commit_url, pr_url = info.commit_url, info.pr_url
             landed = info.pr_revision or branch
         remote = _remote_sizes(api, repo_id, landed)
