@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -20,6 +22,19 @@ _LAZY = {
     "Recipe": ".recipe", "convert": ".convert", "ConversionResult": ".convert", "verify": ".verify",
     "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors", "push": ".hub_push",
 }
+
+
+class _Package(types.ModuleType):
+    """Keeps ``upcycle.convert`` and ``upcycle.verify`` the API functions: importing the submodules of
+    the same name would otherwise rebind those attributes to the modules."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

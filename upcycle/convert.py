@@ -84,7 +84,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
         hub_token = check_can_push(push_to_hub, hub_token)
     if not dry_run:
         check_output(output, force)
-    src = open_source(str(source), recipe.revision, quiet=quiet)
+    src = open_source(str(source), recipe.revision, quiet=quiet, headers_only=dry_run)
     if not dry_run:
         check_output(output, force, src.folder)
     config = src.load_config()
@@ -123,7 +123,7 @@ def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
 
     by_name = {t.spec.name: t for t in plan.tensors}
     shards = split_into_shards([t.spec for t in plan.tensors], parse_size(plan.recipe.max_shard_size))
-    cache = SourceCache(src.read)
+    cache = SourceCache(src.read, views=plan.source_views)
     total = sum(t.spec.nbytes for t in plan.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing experts", disable=quiet) as bar:
         names = write_shards(folder, shards, lambda spec: by_name[spec.name].make(cache), bar.update)

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..io.safetensors_format import TensorInfo
 
 PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """A canonical dense tensor that the checkpoint stores inside a fused one: rows ``[start, stop)``
+    of ``fused`` (e.g. Phi-3's ``q_proj`` inside ``qkv_proj``)."""
+
+    fused: str
+    start: int
+    stop: int
+
+    def read(self, fused: "Any") -> "Any":
+        return fused.narrow(0, self.start, self.stop - self.start).contiguous()
+
+
+#: ``split(config, key, shape)`` -> ``[(canonical_key, start, stop), ...]`` for a fused tensor, else None
+FusedSplit = Callable[[dict[str, Any], str, tuple[int, ...]], Optional[list[tuple[str, int, int]]]]
 
 
 @dataclass(frozen=True)
@@ -15,6 +36,7 @@ class DenseFamily:
 
     ``mlp`` maps a projection role (``gate``, ``up``, ``down``) to the module path inside layer ``i``.
     ``native_target`` is the transformers MoE target that ``--target auto`` picks.
+    ``split_fused`` presents fused checkpoint tensors under canonical (split) names; see :meth:`present`.
     """
 
     name: str
@@ -23,7 +45,28 @@ class DenseFamily:
     layer_prefix: str = "model.layers.{i}."
     mlp: dict[str, str] = field(default_factory=lambda: {"gate": "mlp.gate_proj", "up": "mlp.up_proj",
                                                           "down": "mlp.down_proj"})
+    split_fused: Optional[FusedSplit] = None
     notes: str = ""
+
+    def present(self, config: dict[str, Any], infos: dict[str, "TensorInfo"]
+                ) -> tuple[dict[str, "TensorInfo"], dict[str, SourceView]]:
+        """The checkpoint under canonical names: fused tensors are replaced, in place, by their parts.
+
+        Returns the new ``infos`` and the views that read each part from its fused tensor.
+        """
+        if self.split_fused is None:
+            return infos, {}
+        out: dict[str, "TensorInfo"] = {}
+        views: dict[str, SourceView] = {}
+        for key, info in infos.items():
+            parts = self.split_fused(config, key, info.shape)
+            if not parts:
+                out[key] = info
+                continue
+            for name, start, stop in parts:
+                views[name] = SourceView(key, start, stop)
+                out[name] = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]), start=0, end=0)
+        return out, views
 
     def num_layers(self, config: dict[str, Any]) -> int:
         return int(config["num_hidden_layers"])
