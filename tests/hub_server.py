@@ -8,7 +8,8 @@ reads). Writes need ``Authorization: Bearer <one of tokens>``.
 
 Limits (what it does not do):
 - no Xet storage: clients must set ``HF_HUB_DISABLE_XET=1`` (huggingface_hub then uses LFS);
-- no multipart LFS, no CDN redirects (files are served directly), no pagination of tree listings;
+- no multipart LFS, no CDN redirects (files are served directly), no pagination of tree listings,
+  one byte range per request (``bytes=a-b`` or ``bytes=a-``);
 - commits are flat snapshots with made-up hashes, no git objects, history or merges; a pull
   request is just a ``refs/pr/N`` branch; no gated repos, no rate limits, no ``.gitignore`` rules;
 - "LFS or regular" is decided by a NUL byte in the first 512 bytes or a size over 10 MB,
@@ -67,6 +68,7 @@ class HubStandIn:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.log: list[tuple[str, str]] = []
+        self.ranged: list[str] = []  # paths read with a Range header
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
         self._counter = 0
@@ -379,9 +381,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
         status, ranged = 200, self.headers.get("Range")
         if ranged and ranged.startswith("bytes="):
-            start = int(ranged[6:].split("-")[0])
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            data, status = data[start:], 206
+            self.hub.ranged.append(urlsplit(self.path).path)
+            first, _, last = ranged[6:].partition("-")
+            start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            data, status = data[start:stop], 206
         self._send(status, data, headers, content_type="application/octet-stream")
 
 

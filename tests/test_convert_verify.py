@@ -1,13 +1,18 @@
 """Conversion-time verification: measured, recorded in upcycle_recipe.json and the card, skipped when
 the MoE would not fit in memory, and fatal (nothing written) when an exact recipe fails it."""
 
+import importlib
+
 import pytest
 from click.testing import CliRunner
 from factories import make_dense, read_json
 
-import upcycle.convert as convert_module
 from upcycle.cli import cli
 from upcycle.errors import VerificationError
+
+# the modules, not the API functions of the same name that ``upcycle.convert``/``upcycle.verify`` are
+convert_module = importlib.import_module("upcycle.convert")
+verify_module = importlib.import_module("upcycle.verify")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,6 @@ def test_conversion_verification_is_skipped_when_it_would_not_fit(dense, tmp_pat
 
 
 def test_conversion_writes_nothing_when_an_exact_recipe_fails_verification(dense, tmp_path, monkeypatch):
-    import upcycle.verify as verify_module
-
     real = verify_module.verify
 
     def broken(*args, **kwargs):
@@ -49,3 +52,10 @@ def test_conversion_writes_nothing_when_an_exact_recipe_fails_verification(dense
     with pytest.raises(VerificationError, match="nothing was written"):
         convert_module.convert(dense, tmp_path / "moe", num_experts=4, top_k=2, quiet=True)
     assert not (tmp_path / "moe").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_conversion_verification_compares_against_the_dense_weights_in_the_output_dtype(dense, tmp_path):
+    result = convert_module.convert(dense, tmp_path / "bf16", num_experts=4, top_k=2, dtype="bfloat16", quiet=True)
+    v = result.verification
+    assert v["dense_rounded_to"] == "bfloat16" and v["passed"] and v["max_abs_logit_diff"] <= 1e-4
+    assert "rounded to bfloat16" in (tmp_path / "bf16" / "README.md").read_text()

@@ -343,3 +343,13 @@ def test_convert_push_to_hub_failure_keeps_the_output_and_says_how_to_finish(hub
     hub.faults.clear()
     result = CliRunner().invoke(cli, ["push", str(out), "tester/later", "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_hub_dry_run_reads_headers_by_range_and_no_weights(hub, tmp_path):
+    dense = make_dense("llama", tmp_path / "dense")
+    _publish_dense(hub, dense, "org/headers-only")
+    result = CliRunner().invoke(cli, ["convert", "org/headers-only", str(tmp_path / "x"), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"dry_run": true' in result.output and not (tmp_path / "x").exists()
+    weight_reads = hub.requests("GET", r"/resolve/.*\.safetensors$")
+    assert weight_reads and len(weight_reads) == len([p for p in hub.ranged if p.endswith(".safetensors")])

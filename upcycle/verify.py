@@ -92,12 +92,19 @@ def _claims_exact(moe_path: Path) -> bool:
 
 
 def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, dtype, device: str,
-         pad_token_id: Optional[int]):
-    """Logits and greedy continuations of every prompt; the model is freed before returning."""
+         pad_token_id: Optional[int], round_to=None):
+    """Logits and greedy continuations of every prompt; the model is freed before returning.
+
+    ``round_to`` rounds the parameters (not buffers such as rotary frequencies) through that dtype first.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=dtype).to(device).eval()
+    if round_to is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(round_to).to(param.dtype))
     logits, generations = [], []
     with torch.no_grad():
         for ids in encoded:
@@ -115,11 +122,13 @@ def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, dtype,
 
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
            dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
-           quiet: bool = False) -> VerifyReport:
+           quiet: bool = False, round_dense_to: Optional[str] = None) -> VerifyReport:
     """Run the dense model and the MoE on the same prompts and compare.
 
     The models run one after the other, so memory holds one model at a time. ``passed`` is False
     when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
+    ``round_dense_to`` (e.g. ``"bfloat16"``) rounds the dense weights through the dtype the MoE was
+    saved in, so that a conversion that also cast the weights is checked for what it promises.
     """
     import torch
     import torch.nn.functional as F
@@ -148,7 +157,9 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     else:
         prompts, encoded, pad = _random_prompts(moe_path)
 
-    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_dtype, device, pad)
+    round_to = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(round_dense_to)
+    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_dtype, device, pad,
+                                   round_to)
     moe_logits, moe_gen = _run({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
                                torch_dtype, device, pad)
 
