@@ -194,8 +194,8 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[
         return {"skipped": f"the MoE needs ~{need / 1e9:.1f} GB of RAM at float32, {free / 1e9:.1f} GB free; "
                            "pass --verify to force it"}
     dense = str(src.folder) if src.repo_id else src.spec
-    report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet,
-                        round_dense_to=summary["dtype"])  # the dense weights as the output stores them
+    # verify rounds the dense weights to the dtype the output stores them in before comparing
+    report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
     result = {k: v for k, v in report.to_dict().items() if k != "per_prompt"}
     result["dense_rounded_to"] = summary["dtype"]
     if not report.passed:

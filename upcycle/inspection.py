@@ -11,8 +11,10 @@ from .errors import SourceNotFoundError
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
-_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$"
+                    r"|\.block_sparse_moe\.(input|output)_linear\.weight$")  # granitemoe packs all experts
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")
 _EXPERT_SIZE_KEYS = ("moe_intermediate_size", "intermediate_size")
 
 
@@ -37,7 +39,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     recipe_path = folder / "upcycle_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
     num_experts = next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None)
-    top_k = config.get("num_experts_per_tok")
+    top_k = next((config[k] for k in _TOP_K_KEYS if config.get(k)), None)
 
     total, routed = 0, {}
     for file in _weight_files(folder):

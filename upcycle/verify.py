@@ -31,6 +31,7 @@ class VerifyReport:
     passed: bool
     atol: float
     dtype: str
+    weights_dtype: str
     num_prompts: int
     max_new_tokens: int
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
@@ -91,20 +92,24 @@ def _claims_exact(moe_path: Path) -> bool:
     return bool(json.loads(recipe.read_text()).get("upcycle", {}).get("exact", False))
 
 
-def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, dtype, device: str,
-         pad_token_id: Optional[int], round_to=None):
+def _stored_dtype(moe_path: Path, default: str) -> str:
+    """The dtype the MoE's weights are stored in, from its config."""
+    config = json.loads((moe_path / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype") or default
+    return stored if stored in DEFAULT_ATOL else default
+
+
+def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weights_dtype, dtype, device: str,
+         pad_token_id: Optional[int]):
     """Logits and greedy continuations of every prompt; the model is freed before returning.
 
-    ``round_to`` rounds the parameters (not buffers such as rotary frequencies) through that dtype first.
+    Weights are first rounded to ``weights_dtype`` (the MoE's storage precision, so the dense model
+    gets the same rounding the conversion applied), then the model computes in ``dtype``.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=dtype).to(device).eval()
-    if round_to is not None:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(param.to(round_to).to(param.dtype))
+    model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=weights_dtype).to(device, dtype).eval()
     logits, generations = [], []
     with torch.no_grad():
         for ids in encoded:
@@ -122,17 +127,14 @@ def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, dtype,
 
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
            dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
-           quiet: bool = False, round_dense_to: Optional[str] = None) -> VerifyReport:
+           quiet: bool = False) -> VerifyReport:
     """Run the dense model and the MoE on the same prompts and compare.
 
     The models run one after the other, so memory holds one model at a time. ``passed`` is False
     when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
-    ``round_dense_to`` (e.g. ``"bfloat16"``) rounds the dense weights through the dtype the MoE was
-    saved in, so that a conversion that also cast the weights is checked for what it promises.
     """
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .io import open_source
@@ -157,11 +159,12 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     else:
         prompts, encoded, pad = _random_prompts(moe_path)
 
-    round_to = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(round_dense_to)
-    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_dtype, device, pad,
-                                   round_to)
+    weights_dtype = _stored_dtype(moe_path, dtype)
+    torch_weights = getattr(torch, weights_dtype)
+    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_weights,
+                                   torch_dtype, device, pad)
     moe_logits, moe_gen = _run({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
-                               torch_dtype, device, pad)
+                               torch_weights, torch_dtype, device, pad)
 
     per_prompt, max_diff, kls, matches, agree, total = [], 0.0, [], 0, 0, 0
     for prompt, a, b, ga, gb in zip(prompts, dense_logits, moe_logits, dense_gen, moe_gen):
@@ -184,6 +187,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
         passed=(max_diff <= atol) if exact_expected else True,
         atol=atol,
         dtype=dtype,
+        weights_dtype=weights_dtype,
         num_prompts=len(prompts),
         max_new_tokens=max_new_tokens,
         per_prompt=per_prompt,
