@@ -105,12 +105,14 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
 def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):
     from .errors import HubError
-    from .hub_push import push
+    from .hub_push import RESUME_HINT, push
 
     try:
         return push(output, repo_id, private=private, token=token, quiet=quiet)
     except HubError as exc:
-        raise HubError(f"converted to {output}, but {exc} (`upcycle push {output} {repo_id}`)") from None
+        reason = str(exc).replace(f"; {RESUME_HINT}", "")
+        raise HubError(f"converted to {output}, but {reason}; to push it (resuming), run "
+                       f"`upcycle push {output} {repo_id}`") from None
 
 
 def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
@@ -160,9 +162,15 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
 
 
 def _free_memory() -> Optional[int]:
-    """Bytes of RAM available now (Linux/macOS), or None when unknown."""
+    """Bytes of RAM available now (Linux ``MemAvailable``, else free pages), or None when unknown."""
     import os
 
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -196,8 +204,10 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[
         report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
     finally:
         torch.set_num_threads(threads)
+    # verify rounds the dense weights to the dtype the output stores them in before comparing
     result = {k: float(f"{v:.3g}") if isinstance(v, float) else v
               for k, v in report.to_dict().items() if k != "per_prompt"}
+    result["dense_rounded_to"] = summary["dtype"]
     if not report.passed:
         raise VerificationError(f"the converted MoE claims exactness but its logits differ from the dense model by "
                                 f"{report.max_abs_logit_diff:.3g} (> {report.atol:g}); nothing was written. "
