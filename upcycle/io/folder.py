@@ -47,6 +47,9 @@ class SafetensorsFolder(DenseSource):
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self._infos[name])
 
+    def stored(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
     def load_config(self) -> Any:
         from transformers import AutoConfig
 
