@@ -99,13 +99,12 @@ def test_plain_transformers_load_generates_what_the_dense_model_generated(smol_m
     assert type(model) is MixtralForCausalLM
     assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
     tokenizer = AutoTokenizer.from_pretrained(smol_moe)
-    dense_tokens = {p["prompt"]: p["dense_tokens"] for p in verify_report["per_prompt"]}
+    dense = verify_report["per_prompt"][0]  # one prompt keeps the test short; verify checked all of them
+    ids = tokenizer(dense["prompt"], return_tensors="pt").input_ids
     with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
-            assert out[0, ids.shape[1]:].tolist() == dense_tokens[prompt], prompt
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
+    assert out[0, ids.shape[1]:].tolist() == dense["dense_tokens"]
 
 
 def test_inspect_describes_the_moe(smol_moe: Path) -> None:

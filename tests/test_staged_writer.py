@@ -61,6 +61,13 @@ def test_staged_file_without_direct_io(tmp_path: Path, source: Path, monkeypatch
     assert out.read_bytes() == expected
 
 
+def test_staged_file_without_preadv(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "preadv", raising=False)  # macOS has only pread
+    out = tmp_path / "out.bin"
+    expected = _write_mixed(out, source, 5)
+    assert out.read_bytes() == expected
+
+
 def test_staged_file_falls_back_when_direct_writes_are_refused(tmp_path: Path, source: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     if not staged._O_DIRECT:

@@ -66,7 +66,7 @@ class StagedFile:
         fd = self._source_fd(Path(path))
         while length > 0:
             n = min(length, len(self._buf) - self._fill)
-            got = os.preadv(fd, [self._buf[self._fill:self._fill + n]], offset)
+            got = _read_into(fd, self._buf[self._fill:self._fill + n], offset)
             if got == 0:
                 raise CorruptCheckpointError(f"{path}: truncated while reading tensor data at byte {offset}")
             self._advance(got)
@@ -75,14 +75,16 @@ class StagedFile:
 
     def close(self) -> None:
         """Write what is staged, fix the length, fsync, and release the buffers."""
-        pad = (-self._fill % ALIGN) if self.direct else 0
-        self._buf[self._fill:self._fill + pad] = bytes(pad)
-        self._hand_over(self._fill + pad)
-        self._wait()
-        if pad:
-            os.ftruncate(self._fd, self.size)
-        os.fsync(self._fd)
-        self.abort()
+        try:
+            pad = (-self._fill % ALIGN) if self.direct else 0
+            self._buf[self._fill:self._fill + pad] = bytes(pad)
+            self._hand_over(self._fill + pad)
+            self._wait()
+            if pad:
+                os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+        finally:
+            self.abort()
 
     def abort(self) -> None:
         """Close everything without finishing the file."""
@@ -153,3 +155,12 @@ class StagedFile:
                 os.close(self._src[1])
             self._src = (path, os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
         return self._src[1]
+
+
+def _read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Positioned read into ``buf`` (``preadv`` where the platform has it, e.g. not macOS)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, len(buf), offset)
+    buf[:len(data)] = data
+    return len(data)
