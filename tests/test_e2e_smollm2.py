@@ -63,7 +63,7 @@ def smol_moe(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = CliRunner().invoke(cli, ["convert", str(gguf_file), str(out), "--num-experts", "8", "--top-k", "2",
                                       "--dtype", "float32", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     print(f"\nconversion: {time.perf_counter() - start:.1f} s, "
           f"{summary['output_bytes'] / 1e9:.2f} GB, {summary['total_params'] / 1e6:.0f}M parameters")
     assert summary["architecture"] == "MixtralForCausalLM" and summary["exact"]
@@ -77,7 +77,7 @@ def verify_report(gguf_file: Path, smol_moe: Path, tmp_path_factory: pytest.Temp
     result = CliRunner().invoke(cli, ["verify", str(gguf_file), str(smol_moe), "--prompts", str(prompts),
                                       "--max-new-tokens", str(NEW_TOKENS), "--json", "--quiet"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{"):])
+    report = json.loads(result.stdout)
     print(f"\nverify: max |Δlogit| {report['max_abs_logit_diff']:.3g}, mean KL {report['mean_kl']:.3g}, "
           f"greedy match {report['greedy_match']:.0%}")
     return report
@@ -110,6 +110,6 @@ def test_plain_transformers_load_generates_what_the_dense_model_generated(smol_m
 def test_inspect_describes_the_moe(smol_moe: Path) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(smol_moe), "--json"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["num_experts"] == 8 and info["top_k"] == 2 and info["num_layers"] == 30
     assert info["architecture"] == "MixtralForCausalLM" and info["exact"]
