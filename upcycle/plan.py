@@ -168,14 +168,20 @@ def _expert_shape(info: TensorInfo, proj: str, width: int) -> tuple[int, ...]:
     return (rows, width) if proj == "down" else (width, cols)
 
 
-def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype) -> list[OutTensor]:
-    """Router, routed experts (projection by projection, so each dense matrix is read once) and extras."""
-    target, family, experts = plan.target, plan.family, plan.layers[layer]
+def router_tensor(plan: ConversionPlan, layer: int, name: str, dtype: torch.dtype) -> OutTensor:
+    """The router weight [num_experts, hidden] of ``layer``, from the recipe's router init."""
+    experts = plan.layers[layer]
     init = get_router_init(plan.recipe.router_init)
     ctx = RouterContext(layer, plan.hidden_size, experts.groups, _layer_generator(plan.recipe.seed, layer, 1),
                         plan.recipe.router_std)
-    out = [OutTensor(TensorSpec(target.router_tensor_name(layer), (len(experts.experts), plan.hidden_size), dtype),
-                     None, lambda cache, ctx=ctx: init.build(ctx).to(dtype))]
+    return OutTensor(TensorSpec(name, (len(experts.experts), plan.hidden_size), dtype), None,
+                     lambda cache: init.build(ctx).to(dtype))
+
+
+def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype) -> list[OutTensor]:
+    """Router, routed experts (projection by projection, so each dense matrix is read once) and extras."""
+    target, family, experts = plan.target, plan.family, plan.layers[layer]
+    out = [router_tensor(plan, layer, target.router_tensor_name(layer), dtype)]
     for proj in PROJECTIONS:
         key = family.mlp_key(layer, proj)
         for e, sl in enumerate(experts.experts):
@@ -189,11 +195,11 @@ def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], d
 
 def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> None:
     for layer in plan.moe_layers:
-        for proj in PROJECTIONS:
+        for proj in plan.family.mlp:
             key = plan.family.mlp_key(layer, proj)
             if key not in infos:
                 raise CorruptCheckpointError(f"the checkpoint has no tensor {key}; is it really a {plan.family.name} model?")
-            if plan.family.mlp_key(layer, proj, "bias") in infos:
+            if not plan.target.supports_mlp_bias and plan.family.mlp_key(layer, proj, "bias") in infos:
                 raise RecipeError(f"{plan.family.mlp_key(layer, proj, 'bias')}: MLP biases are not supported by "
                                   f"target {plan.target.name}")
 
@@ -207,7 +213,7 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
     method = get_method(recipe.method)
     num_layers = family.num_layers(cfg)
     plan = ConversionPlan(recipe=recipe, family=family, target=target, dense_config=cfg,
-                          hidden_size=int(cfg["hidden_size"]), dense_size=family.intermediate_size(cfg),
+                          hidden_size=family.hidden_size(cfg), dense_size=family.intermediate_size(cfg),
                           num_layers=num_layers, moe_layers=list(range(num_layers)), layers={},
                           dtype_name=_output_dtype(recipe, infos))
     _check_mlp_tensors(plan, infos)
@@ -226,7 +232,7 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
         if role is not None and role[0] in plan.layers:
             if role[0] not in emitted:
                 emitted.add(role[0])
-                plan.tensors.extend(_moe_block(plan, role[0], infos, out_dtype))
+                plan.tensors.extend((target.layer_tensors or _moe_block)(plan, role[0], infos, out_dtype))
             continue
         dtype = out_dtype if info.dtype.is_floating_point else info.dtype
         plan.tensors.append(OutTensor(TensorSpec(key, info.shape, dtype), key,
@@ -236,6 +242,8 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
 
 def build_target_config(plan: ConversionPlan):
     """The target's config: dense keys the target class knows, then the MoE keys."""
+    if plan.target.make_config is not None:
+        return plan.target.make_config(plan)
     cls = plan.target.config_cls()
     known = cls().to_dict()
     skip = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "dtype",

@@ -22,10 +22,17 @@ def all_targets() -> dict[str, MoeTarget]:
     return collect(sys.modules[__name__], "TARGET")
 
 
+def _native_inexact(targets: dict[str, MoeTarget], family: DenseFamily, config: dict[str, Any]) -> bool:
+    native = targets.get(family.native_target or "")
+    return native is None or native.explain(family.name, config) is not None
+
+
 def choose_target(requested: str, family: DenseFamily, config: dict[str, Any]) -> MoeTarget:
     """Resolve ``--target`` (``auto`` or a name) for a dense model; refuse with the reason if inexact."""
     targets = all_targets()
     if requested == "auto":
+        if "upcycle" in targets and _native_inexact(targets, family, config):
+            return targets["upcycle"]  # the bundled model expresses every family exactly
         if family.native_target is None:
             raise UnsupportedArchitectureError(f"no MoE target can express the {family.name!r} family yet")
         target = targets[family.native_target]

@@ -60,6 +60,14 @@ class MoeTarget:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     #: dense config keys to carry over although the target's config class does not list them by default
     copy_keys: tuple[str, ...] = ()
+    #: the experts can hold the dense MLP biases
+    supports_mlp_bias: bool = False
+    #: replaces the generic router + experts layout of an MoE layer: (plan, layer, infos, dtype) -> tensors
+    layer_tensors: Optional[Callable[..., list["OutTensor"]]] = None
+    #: builds the output config object itself instead of copying keys into ``config_class``
+    make_config: Optional[Callable[["ConversionPlan"], Any]] = None
+    #: writes extra files (e.g. remote code) into the output folder; returns their names
+    extra_files: Optional[Callable[[Any, "ConversionPlan"], list[str]]] = None
 
     def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
         """Why this target cannot reproduce the dense model exactly, or None when it can."""

@@ -1,0 +1,170 @@
+"""The bundled model (``upcycle_moe``): the dense family's own architecture with MoE blocks in place of MLPs.
+
+Takes every family, with MLP biases, non-gated MLPs, partial rotary and any attention variant, because
+everything outside the MLP is the dense model's own code. Writes the dense keys unchanged and, per MoE
+layer (``P`` = the family's MLP path, e.g. ``model.layers.3.mlp``, ``transformer.h.3.mlp``)::
+
+    P.router.weight                                     [E, H]
+    P.experts.{e}.{gate_proj,up_proj,down_proj}.weight  nn.Linear orientation ([F, H], [F, H], [H, F])
+    P.experts.{e}.{...}.bias                            when the dense MLP has biases
+    P.shared_experts.{...}                              when the method asks for a shared expert
+
+Conv1D weights (GPT-2) are transposed and fused ``gate_up_proj`` (Phi-3) split while streaming. The
+checkpoint carries the self-contained modeling files and an ``auto_map`` for ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .base import MoeTarget
+
+_TEXT_CONFIG_SKIP = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
+_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _mlp_prefix(plan, layer: int) -> str:
+    return f"{plan.family.layer_prefix.format(i=layer)}{plan.family.mlp_module}."
+
+
+def _slice_maker(plan, layer: int, proj: str, kind: str, sl, dtype: torch.dtype, zero: bool = False
+                 ) -> Callable[[Any], torch.Tensor]:
+    """Make one expert tensor from the dense FFN: its neurons, the down scale (weights only), the layout fix."""
+    family = plan.family
+
+    def make(cache) -> torch.Tensor:
+        tensor = family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj, kind)
+        if zero:
+            return torch.zeros(tensor.shape, dtype=dtype)
+        if sl.neurons is not None and not (proj == "down" and kind == "bias"):
+            tensor = tensor.index_select(1 if proj == "down" and kind == "weight" else 0, sl.neurons)
+        if proj == "down" and kind == "weight" and sl.down_scale != 1.0:
+            tensor = tensor * sl.down_scale
+        return tensor.to(dtype).contiguous()
+
+    return make
+
+
+def _shape(plan, proj: str, kind: str, width: int) -> tuple[int, ...]:
+    if kind == "bias":
+        return (plan.hidden_size,) if proj == "down" else (width,)
+    return (plan.hidden_size, width) if proj == "down" else (width, plan.hidden_size)
+
+
+def _expert_tensors(plan, layer: int, infos, dtype, name: str, sl, down_bias: bool, expert_of) -> list:
+    from ..io.safetensors_format import TensorSpec
+    from ..plan import OutTensor
+
+    out = []
+    width = sl.width(plan.dense_size)
+    for proj in plan.family.mlp:
+        for kind in ("weight", "bias"):
+            key = plan.family.mlp_key(layer, proj, kind)
+            if key not in infos:
+                continue
+            zero = kind == "bias" and proj == "down" and not down_bias
+            spec = TensorSpec(f"{name}.{_NAMES[proj]}.{kind}", _shape(plan, proj, kind, width), dtype)
+            out.append(OutTensor(spec, key, _slice_maker(plan, layer, proj, kind, sl, dtype, zero), expert_of=expert_of))
+    return out
+
+
+def layer_tensors(plan, layer: int, infos, dtype: torch.dtype) -> list:
+    """Router, routed experts and the optional shared expert of one MoE layer, projection by projection.
+
+    The dense down-projection bias goes to every routed expert (their weights sum to one), and to the
+    shared expert only when there are no routed experts to carry it.
+    """
+    from ..plan import router_tensor
+
+    prefix, experts = _mlp_prefix(plan, layer), plan.layers[layer]
+    out = [router_tensor(plan, layer, prefix + "router.weight", dtype)]
+    routed = [_expert_tensors(plan, layer, infos, dtype, f"{prefix}experts.{e}", sl, True, layer)
+              for e, sl in enumerate(experts.experts)]
+    # interleave by projection so each dense matrix is read once for all experts (the cache holds a few)
+    for index in range(len(routed[0]) if routed else 0):
+        out.extend(tensors[index] for tensors in routed)
+    if experts.shared is not None:
+        out.extend(_expert_tensors(plan, layer, infos, dtype, prefix + "shared_experts", experts.shared,
+                                   not experts.experts, None))
+    return out
+
+
+def _shared_width(plan) -> int:
+    widths = {l.shared.width(plan.dense_size) for l in plan.layers.values() if l.shared is not None}
+    if len(widths) > 1:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"the upcycle target needs one shared-expert width, got {sorted(widths)}")
+    return widths.pop() if widths else 0
+
+
+def make_config(plan):
+    """``UpcycleMoeConfig`` around the dense config."""
+    from ..modeling import AUTO_MAP
+    from ..modeling.configuration_upcycle_moe import UpcycleMoeConfig
+
+    dense = {k: v for k, v in plan.dense_config.items() if k not in _TEXT_CONFIG_SKIP}
+    biased = any(t.spec.name.endswith(".bias") and ".experts." in t.spec.name for t in plan.tensors)
+    dropout_key = plan.family.mlp_dropout_key
+    config = UpcycleMoeConfig(
+        text_config=dense,
+        layers_module=plan.family.layers_module,
+        mlp_module=plan.family.mlp_module,
+        moe_layers=sorted(plan.layers),
+        num_experts=plan.recipe.num_experts,
+        num_experts_per_tok=plan.recipe.top_k,
+        moe_intermediate_size=plan.expert_size,
+        shared_expert_intermediate_size=_shared_width(plan),
+        hidden_act=plan.family.activation(plan.dense_config),
+        mlp_gated=plan.family.gated,
+        mlp_bias=biased,
+        mlp_dropout=float(plan.dense_config.get(dropout_key) or 0.0) if dropout_key else 0.0,
+        router_type="softmax",
+        norm_topk_prob=True,
+        tie_word_embeddings=bool(plan.dense_config.get("tie_word_embeddings", False)),
+    )
+    config.architectures = ["UpcycleMoeForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    config.dtype = plan.dtype_name
+    return config
+
+
+def copy_remote_code(folder: Path, plan) -> list[str]:
+    """Copy the self-contained configuration and modeling files next to the weights."""
+    from ..modeling import remote_code_sources
+
+    for name, source in remote_code_sources().items():
+        shutil.copyfile(source, Path(folder) / name)
+    return list(remote_code_sources())
+
+
+@dataclass(frozen=True)
+class BundledTarget(MoeTarget):
+    """Exact for every family with an identifiable MLP: nothing outside the MLP changes."""
+
+    def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
+        return None
+
+
+TARGET = BundledTarget(
+    name="upcycle",
+    model_type="upcycle_moe",
+    config_class="UpcycleMoeConfig",
+    families=(),
+    router_key="<mlp>.router.weight",
+    expert_key="<mlp>.experts.{e}.{proj}.weight",
+    proj_names=dict(_NAMES),
+    moe_config=lambda plan: {},
+    supports_layer_subset=True,
+    supports_mlp_bias=True,
+    layer_tensors=layer_tensors,
+    make_config=make_config,
+    extra_files=copy_remote_code,
+    description="UpcycleMoeForCausalLM (bundled, loads with trust_remote_code or after `import upcycle`); "
+                "every dense family, MLP biases, non-gated MLPs, partial rotary",
+)
