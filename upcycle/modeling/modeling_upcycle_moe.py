@@ -171,23 +171,23 @@ _NATIVE_KEYS = {
 _NATIVE_DENSE = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 
 
-def _qwen_moe_layers(cfg: dict) -> list[int]:
-    step, dense_only = cfg.get("decoder_sparse_step", 1) or 1, set(cfg.get("mlp_only_layers") or [])
-    return [i for i in range(cfg["num_hidden_layers"])
-            if i not in dense_only and cfg.get("num_experts", 0) > 0 and (i + 1) % step == 0]
+def _qwen_moe_layers(cfg) -> list[int]:
+    step, dense_only = cfg.decoder_sparse_step or 1, set(cfg.mlp_only_layers or [])
+    return [i for i in range(cfg.num_hidden_layers)
+            if i not in dense_only and cfg.num_experts > 0 and (i + 1) % step == 0]
 
 
-def native_moe_settings(cfg: dict) -> dict:
-    """UpcycleMoeConfig fields equivalent to a native Mixtral / Qwen2-MoE / Qwen3-MoE config dict."""
-    if cfg["model_type"] == "mixtral":
-        return {"num_experts": cfg["num_local_experts"], "num_experts_per_tok": cfg["num_experts_per_tok"],
-                "moe_intermediate_size": cfg["intermediate_size"], "norm_topk_prob": True,
-                "moe_layers": list(range(cfg["num_hidden_layers"]))}
-    return {"num_experts": cfg["num_experts"], "num_experts_per_tok": cfg["num_experts_per_tok"],
-            "moe_intermediate_size": cfg["moe_intermediate_size"],
-            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)), "moe_layers": _qwen_moe_layers(cfg),
-            "shared_expert_intermediate_size": cfg.get("shared_expert_intermediate_size", 0) or 0,
-            "shared_expert_gated": cfg["model_type"] == "qwen2_moe"}
+def native_moe_settings(cfg) -> dict:
+    """UpcycleMoeConfig fields equivalent to a native Mixtral / Qwen2-MoE / Qwen3-MoE config."""
+    if cfg.model_type == "mixtral":
+        return {"num_experts": cfg.num_local_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+                "moe_intermediate_size": cfg.intermediate_size, "norm_topk_prob": True,
+                "moe_layers": list(range(cfg.num_hidden_layers))}
+    return {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": bool(cfg.norm_topk_prob),
+            "moe_layers": _qwen_moe_layers(cfg),
+            "shared_expert_intermediate_size": getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
+            "shared_expert_gated": cfg.model_type == "qwen2_moe"}
 
 
 def _hub_kwargs(kwargs: dict) -> dict:
@@ -230,13 +230,14 @@ def native_checkpoint_config(path, kwargs: dict):
     model_type = cfg.get("model_type")
     if model_type not in _NATIVE_DENSE:
         return None
+    native = CONFIG_MAPPING[model_type](**{k: v for k, v in cfg.items() if k != "model_type"})
     dense_cls = CONFIG_MAPPING[_NATIVE_DENSE[model_type]]
     names = {f.name for f in dataclasses.fields(dense_cls)} - {"architectures", "transformers_version", "dtype"}
-    text = dense_cls(**{k: v for k, v in cfg.items() if k in names})
-    config = UpcycleMoeConfig(text_config=text, hidden_act=cfg.get("hidden_act"), mlp_gated=True,
-                              tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                              router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001),
-                              dtype=cfg.get("dtype") or cfg.get("torch_dtype"), **native_moe_settings(cfg))
+    text = dense_cls(**{k: v for k, v in native.to_dict().items() if k in names})
+    config = UpcycleMoeConfig(text_config=text, hidden_act=native.hidden_act, mlp_gated=True,
+                              tie_word_embeddings=bool(native.tie_word_embeddings),
+                              router_aux_loss_coef=native.router_aux_loss_coef, dtype=native.dtype,
+                              **native_moe_settings(native))
     return config, _NATIVE_KEYS[model_type]
 
 
