@@ -52,11 +52,58 @@ def qwen3_config(**kw: Any):
     return Qwen3Config(**_base(head_dim=24, **kw))
 
 
+def olmo2_config(**kw: Any):
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**_base(pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters={
+        "rope_type": "linear", "rope_theta": 20000.0, "factor": 2.0}, **kw))
+
+
+def granite_config(**kw: Any):
+    from transformers import GraniteConfig
+
+    return GraniteConfig(**_base(tie_word_embeddings=True, embedding_multiplier=6.0, residual_multiplier=0.3,
+                                 attention_multiplier=0.05, logits_scaling=4.0, initializer_range=0.1, **kw))
+
+
+def phi3_config(**kw: Any):
+    from transformers import Phi3Config
+
+    return Phi3Config(**_base(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4, **kw))
+
+
+def ernie4_5_config(**kw: Any):
+    from transformers import Ernie4_5Config
+
+    return Ernie4_5Config(**_base(head_dim=24, tie_word_embeddings=True, **kw))
+
+
+def hunyuan_v1_dense_config(**kw: Any):
+    from transformers import HunYuanDenseV1Config
+
+    return HunYuanDenseV1Config(**_base(head_dim=24, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 4.0, "factor": 1.0}, **kw))
+
+
+def cohere2_config(**kw: Any):
+    from transformers import Cohere2Config
+
+    return Cohere2Config(**_base(head_dim=24, logit_scale=0.5, sliding_window=4, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2, layer_types=["sliding_attention", "full_attention",
+                                                              "sliding_attention"], **kw))
+
+
 CONFIGS: dict[str, Callable[..., Any]] = {
     "llama": llama_config,
     "mistral": mistral_config,
     "qwen2": qwen2_config,
     "qwen3": qwen3_config,
+    "olmo2": olmo2_config,
+    "granite": granite_config,
+    "phi3": phi3_config,
+    "ernie4_5": ernie4_5_config,
+    "hunyuan_v1_dense": hunyuan_v1_dense_config,
+    "cohere2": cohere2_config,
 }
 
 
@@ -100,12 +147,6 @@ def phi_config(**kw: Any):
     return PhiConfig(**_base(partial_rotary_factor=0.5, qk_layernorm=True, **kw))
 
 
-def phi3_config(**kw: Any):
-    from transformers import Phi3Config
-
-    return Phi3Config(**_base(partial_rotary_factor=0.5, pad_token_id=0, **kw))
-
-
 def stablelm_config(**kw: Any):
     from transformers import StableLmConfig
 
@@ -124,16 +165,10 @@ def olmo_config(**kw: Any):
     return OlmoConfig(**_base(clip_qkv=8.0, **kw))
 
 
-def olmo2_config(**kw: Any):
-    from transformers import Olmo2Config
-
-    return Olmo2Config(**_base(**kw))
-
-
 CONFIGS.update({
     "gemma": gemma_config, "gemma2": gemma2_config, "gemma3_text": gemma3_text_config, "gpt2": gpt2_config,
-    "gpt_neox": gpt_neox_config, "phi": phi_config, "phi3": phi3_config, "stablelm": stablelm_config,
-    "starcoder2": starcoder2_config, "olmo": olmo_config, "olmo2": olmo2_config,
+    "gpt_neox": gpt_neox_config, "phi": phi_config, "stablelm": stablelm_config, "starcoder2": starcoder2_config,
+    "olmo": olmo_config,
 })
 
 

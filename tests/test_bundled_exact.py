@@ -20,16 +20,21 @@ CASES = [
     ("gpt2", {}),
     ("gpt_neox", {}),
     ("phi", {}),
+    ("phi3", {"partial_rotary_factor": 0.5}),
     ("phi3", {}),
     ("stablelm", {}),
     ("starcoder2", {}),
     ("olmo", {}),
     ("olmo2", {}),
+    ("granite", {}),
+    ("cohere2", {}),
+    ("ernie4_5", {"use_bias": True}),
+    ("hunyuan_v1_dense", {}),
 ]
 
 
 def _convert(dense, out, *args):
-    result = CliRunner().invoke(cli, ["convert", str(dense), str(out), "-q", *args])
+    result = CliRunner().invoke(cli, ["convert", str(dense), str(out), "-q", "--no-verify", *args])
     assert result.exit_code == 0, result.output
     return read_json(out / "config.json")
 
@@ -54,7 +59,7 @@ def test_bundled_is_exact(tmp_path, family, overrides):
     assert _greedy(dense, ids) == _greedy(tmp_path / "moe", ids)
 
 
-@pytest.mark.parametrize("family,overrides", [("gpt2", {}), ("phi3", {})])
+@pytest.mark.parametrize("family,overrides", [("gpt2", {}), ("phi3", {"partial_rotary_factor": 0.5})])
 def test_top1_with_three_experts_is_exact(tmp_path, family, overrides):
     dense = make_dense(family, tmp_path / "dense", **overrides)
     config = _convert(dense, tmp_path / "moe", "--target", "upcycle", "-e", "3", "-k", "1")
@@ -65,7 +70,7 @@ def test_top1_with_three_experts_is_exact(tmp_path, family, overrides):
 @pytest.mark.parametrize("family,overrides,expected", [
     ("llama", {}, "MixtralForCausalLM"),
     ("llama", {"mlp_bias": True}, "UpcycleMoeForCausalLM"),
-    ("phi3", {}, "UpcycleMoeForCausalLM"),
+    ("phi3", {"partial_rotary_factor": 0.5}, "UpcycleMoeForCausalLM"),
     ("gpt2", {}, "UpcycleMoeForCausalLM"),
 ])
 def test_auto_falls_back_to_bundled_when_no_native_target_is_exact(tmp_path, family, overrides, expected):

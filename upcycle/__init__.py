@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Recipe", "convert", "verify", "inspect", "ConversionResult", "VerifyReport", "UpcycleError",
+__all__ = ["Recipe", "convert", "verify", "inspect", "push", "ConversionResult", "VerifyReport", "UpcycleError",
            "UpcycleMoeConfig", "UpcycleMoeForCausalLM"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConversionResult, convert
     from .errors import UpcycleError
+    from .hub_push import push
     from .inspection import inspect
     from .modeling import UpcycleMoeConfig, UpcycleMoeForCausalLM
     from .recipe import Recipe
@@ -19,9 +22,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _LAZY = {
     "Recipe": ".recipe", "convert": ".convert", "ConversionResult": ".convert", "verify": ".verify",
-    "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors",
+    "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors", "push": ".hub_push",
     "UpcycleMoeConfig": ".modeling", "UpcycleMoeForCausalLM": ".modeling",
 }
+
+
+class _Package(types.ModuleType):
+    """Keeps ``upcycle.convert`` and ``upcycle.verify`` the API functions: importing the submodules of
+    the same name would otherwise rebind those attributes to the modules."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,21 @@
-"""The model card (README.md) written with every conversion, through huggingface_hub's card utilities."""
+"""The model card (README.md) written with every conversion, through huggingface_hub's card utilities.
+
+Metadata choices (see docs/hub.md): ``base_model`` is the dense source's repo id and
+``base_model_relation`` is ``finetune`` for one source (the MoE's weights are derived from the
+base's and are meant to be trained further; it is not an adapter, a quantization or a merge of
+several models) and ``merge`` when experts come from several sources. The license is the base
+model's, read from its own card when it has one.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+REPO_PLACEHOLDER = "THIS_REPO"
+LICENSE_KEYS = ("license", "license_name", "license_link")
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}/?$")
 
 
 def _params(n: int) -> str:
@@ -12,38 +25,91 @@ def _params(n: int) -> str:
     return str(n)
 
 
-def render_card(summary: dict[str, Any], recipe: dict[str, Any], base_model: Optional[str],
-                license: Optional[str] = None, verification: Optional[dict[str, Any]] = None):
-    """Build a :class:`huggingface_hub.ModelCard` with Hub metadata and the recipe table."""
+def source_license(folder: Path) -> dict[str, str]:
+    """``license`` (and ``license_name``/``license_link`` for "other") from the source's own card, if any."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception:  # noqa: BLE001 - a malformed third-party card must not stop a conversion
+        return {}
+    return {k: str(data[k]) for k in LICENSE_KEYS if isinstance(data.get(k), (str, int, float)) and data.get(k)}
+
+
+def repo_id_from_cache_path(folder: Path) -> Optional[str]:
+    """``org/name`` when ``folder`` is a snapshot inside the Hugging Face cache, else None."""
+    match = _CACHE_SNAPSHOT.search(Path(folder).resolve().as_posix())
+    return f"{match['org']}/{match['name']}" if match else None
+
+
+def base_model_relation(base_model: Union[str, Sequence[str], None]) -> Optional[str]:
+    """``finetune`` for one base model, ``merge`` for several, None without one."""
+    if not base_model:
+        return None
+    return "finetune" if isinstance(base_model, str) or len(base_model) == 1 else "merge"
+
+
+def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> str:
+    """The card's one-line verification result, as measured at conversion time."""
+    if not verification or "skipped" in verification:
+        reason = f" ({verification['skipped']})" if verification else ""
+        return (f"not run at conversion time{reason}; run `upcycle verify BASE_MODEL {REPO_PLACEHOLDER}` "
+                "to measure it")
+    v = verification
+    measured = (f"max |Δlogit| = {v['max_abs_logit_diff']:.3g} at {v['dtype']} over {v['num_prompts']} prompts, "
+                f"mean KL = {v['mean_kl']:.3g}")
+    if v.get("max_new_tokens"):
+        measured += (f", greedy continuations identical for {v['greedy_match']:.0%} of prompts over "
+                     f"{v['max_new_tokens']} tokens")
+    if exact:
+        return f"exact, checked at conversion time: {measured} (tolerance {v['atol']:g})"
+    return f"not exact by design; deviation measured at conversion time: {measured}"
+
+
+def render_card(summary: dict[str, Any], recipe: dict[str, Any], base_model: Union[str, Sequence[str], None],
+                license: Optional[str] = None, verification: Optional[dict[str, Any]] = None, *,
+                license_info: Optional[dict[str, str]] = None, remote_code: bool = False,
+                repo_id: Optional[str] = None):
+    """Build a :class:`huggingface_hub.ModelCard`: Hub metadata, recipe table, parameters, measured
+    verification, how to load it and how to fine-tune it."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    licence = dict(license_info or {})
+    if license and "license" not in licence:
+        licence["license"] = license
     data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model or None,
+        base_model_relation=base_model_relation(base_model),
         library_name="transformers",
         pipeline_tag="text-generation",
-        license=license,
-        tags=["moe", "upcycled", "upcycle", summary["target"]],
+        tags=["moe", "mixture-of-experts", "upcycled", "upcycle", summary["target"]],
+        **licence,
     )
-    if base_model:
-        data.base_model_relation = "finetune"
+    repo = repo_id or REPO_PLACEHOLDER
+    names = [base_model] if isinstance(base_model, str) else list(base_model or [])
+    name = ", ".join(f"[{b}](https://huggingface.co/{b})" for b in names) or "a dense model"
+    exact = bool(summary["exact"])
     exactness = ("exact: the MoE computes the dense model's function (logits equal up to float rounding)"
-                 if summary["exact"] else "not exact by design: the experts deviate from the dense FFN")
+                 if exact else "not exact by design: the experts deviate from the dense FFN")
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in recipe.items() if k != "extra" or v)
-    if verification:
-        verified = (f"max |Δlogit| = {verification['max_abs_logit_diff']:.3g}, mean KL = "
-                    f"{verification['mean_kl']:.3g}, greedy agreement = {verification['greedy_match']:.0%}")
-    else:
-        verified = "not run at conversion time; run `upcycle verify BASE THIS_FOLDER`"
-    name = base_model or "a dense model"
+    remote = ", trust_remote_code=True" if remote_code else ""
+    load_note = ("The architecture ships with this repository (`auto_map` in `config.json`), so loading needs "
+                 "`trust_remote_code=True`; read the code in this repository before running it."
+                 if remote_code else
+                 f"`{summary['architecture']}` is a native transformers class: no remote code is needed.")
     body = f"""
-# {summary['architecture']} upcycled from {name}
+# {summary['architecture']} upcycled from {names[0] if len(names) == 1 else 'a dense model'}
 
 This Mixture-of-Experts model was made with [upcycle](https://pypi.org/project/upcycle/) from
-{name} by `{summary['method']}`: {summary['num_experts']} experts, top-{summary['top_k']} routing,
-MoE in layers {_layers(summary['moe_layers'], summary['num_layers'])}.
+{name} by `{summary['method']}`: {summary['num_experts']} experts of size {summary['expert_size']}
+(dense FFN {summary['dense_ffn_size']}), top-{summary['top_k']} routing, MoE in layers
+{_layers(summary['moe_layers'], summary['num_layers'])}.
 
 - Exactness: {exactness}.
-- Verification: {verified}.
+- Verification: {verification_text(verification, exact)}.
 - Parameters: {_params(summary['total_params'])} total, {_params(summary['active_params'])} active per token.
 
 ## Recipe
@@ -52,24 +118,45 @@ MoE in layers {_layers(summary['moe_layers'], summary['num_layers'])}.
 |---|---|
 {rows}
 
-`upcycle_recipe.json` in this repository reproduces the conversion: `upcycle convert SOURCE OUT --recipe upcycle_recipe.json`.
+`upcycle_recipe.json` in this repository records the recipe, the source commit and the library
+versions; `upcycle convert SOURCE OUT --recipe upcycle_recipe.json` reproduces the conversion.
 
 ## Use
+
+{load_note}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("THIS_REPO")  # {summary['architecture']}
-tokenizer = AutoTokenizer.from_pretrained("THIS_REPO")
+model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="auto"{remote})
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```
 
 ## Fine-tuning
 
-Replicated experts start identical, so the router gets no signal from the language-model loss at
-first: fine-tune with a load-balancing loss (`output_router_logits=True`, `router_aux_loss_coef`)
-so that the experts specialise.
+{_fine_tuning_text(summary, exact)}
+
+```python
+model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="auto"{remote},
+                                             output_router_logits=True, router_aux_loss_coef=0.01)
+# train with transformers.Trainer (or TRL's SFTTrainer) as for any causal LM: the returned loss
+# includes the load-balancing auxiliary loss when output_router_logits=True
+```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _fine_tuning_text(summary: dict[str, Any], exact: bool) -> str:
+    text = ("Train it like the dense model, with the router's load-balancing loss on "
+            "(`output_router_logits=True`, `router_aux_loss_coef`) so that tokens spread over the experts.")
+    if exact:
+        text += (" Its experts start as exact copies (or exact slices) of the dense FFN, so at first the "
+                 "language-model loss gives the router no reason to prefer one expert over another: "
+                 "expect a short warm-up before the experts diverge, or convert with a method that "
+                 "breaks the symmetry (for example drop-upcycling) if it is available.")
+    return text
 
 
 def _layers(moe_layers: list[int], num_layers: int) -> str:

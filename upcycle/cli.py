@@ -72,9 +72,13 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--verify/--no-verify", default=None,
+              help="Compare the MoE with the dense model before finishing.  [default: when it fits in RAM]")
+@click.option("--push-to-hub", metavar="REPO_ID", help="Then upload the output to this Hub model repo.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @_user_errors
 def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_run: bool, as_json: bool,
-            quiet: bool, **options: Any) -> None:
+            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, **options: Any) -> None:
     """Convert the dense model SOURCE (folder, .gguf file or Hub repo id) into an MoE at OUTPUT."""
     from .quiet import quiet_libraries
     from .convert import convert as run_convert
@@ -82,11 +86,13 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
     if quiet:
         quiet_libraries()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, **options)
+    result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
+                         push_to_hub=push_to_hub, hub_private=private, **options)
     s = result.summary
     if as_json:
         click.echo(json.dumps({**s, "output": str(result.output) if result.output else None,
-                               "dry_run": dry_run, "files": result.files}, indent=2))
+                               "dry_run": dry_run, "files": result.files, "verification": result.verification,
+                               "pushed": result.pushed.url if result.pushed else None}, indent=2))
         return
     head = "plan (dry run, nothing written)" if dry_run else f"wrote {output}"
     click.echo(f"{head}: {s['family']} -> {s['architecture']} ({s['target']}), method {s['method']}, "
@@ -95,6 +101,14 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
                f"{s['expert_size']} (dense FFN {s['dense_ffn_size']}), top-{s['top_k']}")
     click.echo(f"  parameters: {_human(s['total_params'])} total, {_human(s['active_params'])} active per token")
     click.echo(f"  output: {_human(s['output_bytes'], 'B')} in {s['shards']} shard(s), dtype {s['dtype']}")
+    if result.verification:
+        from .card import verification_text
+
+        click.echo(f"  verification: {verification_text(result.verification, s['exact'])}")
+    if result.pushed:
+        from .cli_push import echo_pushed
+
+        echo_pushed(result.pushed)
 
 
 @cli.command()
@@ -164,3 +178,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 
 def main() -> None:
     cli(prog_name="upcycle")
+
+
+from .cli_push import push as _push_command  # noqa: E402 - registered after the group is defined
+
+cli.add_command(_push_command)

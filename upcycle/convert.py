@@ -12,6 +12,7 @@ from .errors import RecipeError
 from .recipe import Recipe, parse_size
 
 RECIPE_FILE = "upcycle_recipe.json"
+VERIFY_NEW_TOKENS = 0  # logits only: generation would triple the cost and adds little to max |Δlogit|
 
 
 @dataclass
@@ -23,6 +24,10 @@ class ConversionResult:
     recipe: Recipe
     files: list[str]
     dry_run: bool = False
+    #: measured at conversion time (``upcycle.verify``), or ``{"skipped": reason}``
+    verification: Optional[dict[str, Any]] = None
+    #: where ``push_to_hub`` sent the output (an ``upcycle.hub_push.PushResult``)
+    pushed: Any = None
 
 
 def _versions() -> dict[str, str]:
@@ -55,12 +60,17 @@ def build_recipe(recipe: Recipe | str | Path | dict | None = None, **overrides: 
 
 
 def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path | dict | None = None, *,
-            force: bool = False, dry_run: bool = False, quiet: bool = False, **overrides: Any) -> ConversionResult:
+            force: bool = False, dry_run: bool = False, quiet: bool = False, verify: Optional[bool] = None,
+            push_to_hub: Optional[str] = None, hub_private: bool = False, hub_token: Optional[str] = None,
+            **overrides: Any) -> ConversionResult:
     """Convert a dense checkpoint into an MoE checkpoint.
 
     ``source`` is a local folder, a ``.gguf`` file or a Hub repo id; ``recipe`` a :class:`Recipe`, a
     recipe file or a mapping, and keyword arguments (``num_experts=8``, ``top_k=2``, ...) override it.
-    The output appears under ``output`` only once complete.
+    The output appears under ``output`` only once complete. ``verify`` compares the finished MoE
+    with the dense model before it is moved into place (None: when it fits in half the free RAM;
+    an exact recipe that fails raises :class:`VerificationError` and writes nothing).
+    ``push_to_hub`` then uploads it to that Hub repo (see :func:`upcycle.hub_push.push`).
     """
     from .io import open_source
     from .io.atomic import atomic_folder, check_output
@@ -68,9 +78,13 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
     recipe = build_recipe(recipe, **overrides)
     output = Path(output)
+    if push_to_hub and not dry_run:
+        from .hub_push import check_can_push
+
+        hub_token = check_can_push(push_to_hub, hub_token)
     if not dry_run:
         check_output(output, force)
-    src = open_source(str(source), recipe.revision, quiet=quiet)
+    src = open_source(str(source), recipe.revision, quiet=quiet, headers_only=dry_run)
     if not dry_run:
         check_output(output, force, src.folder)
     config = src.load_config()
@@ -81,8 +95,22 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
     with atomic_folder(output, force) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
-        files += _write_metadata(tmp, plan, src, config, summary)
-    return ConversionResult(output, summary, recipe, sorted(files))
+        meta, verification = _write_metadata(tmp, plan, src, config, summary, verify, quiet, push_to_hub)
+        files += meta
+    result = ConversionResult(output, summary, recipe, sorted(files), verification=verification)
+    if push_to_hub:
+        result.pushed = _push(output, push_to_hub, hub_private, hub_token, quiet)
+    return result
+
+
+def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):
+    from .errors import HubError
+    from .hub_push import push
+
+    try:
+        return push(output, repo_id, private=private, token=token, quiet=quiet)
+    except HubError as exc:
+        raise HubError(f"converted to {output}, but {exc} (`upcycle push {output} {repo_id}`)") from None
 
 
 def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
@@ -93,15 +121,16 @@ def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
 
     by_name = {t.spec.name: t for t in plan.tensors}
     shards = split_into_shards([t.spec for t in plan.tensors], parse_size(plan.recipe.max_shard_size))
-    cache = SourceCache(src.read)
+    cache = SourceCache(src.read, views=plan.source_views)
     total = sum(t.spec.nbytes for t in plan.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing experts", disable=quiet) as bar:
         names = write_shards(folder, shards, lambda spec: by_name[spec.name].make(cache), bar.update)
     return names + (["model.safetensors.index.json"] if len(names) > 1 else [])
 
 
-def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any]) -> list[str]:
-    from .card import render_card
+def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], verify: Optional[bool],
+                    quiet: bool, repo_id: Optional[str]) -> tuple[list[str], Optional[dict[str, Any]]]:
+    from .card import render_card, repo_id_from_cache_path, source_license
     from .plan import build_target_config
 
     target_config = build_target_config(plan)
@@ -117,7 +146,52 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any]) ->
     recipe_dict = plan.recipe.to_dict()
     (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
     written.append(RECIPE_FILE)
-    base_model = src.repo_id
-    render_card(summary, recipe_dict, base_model, plan.dense_config.get("license")).save(folder / "README.md")
+    verification = _verify_output(folder, src, summary, verify, quiet)
+    if verification is not None:
+        provenance["verification"] = verification
+        (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
+    base_model = src.repo_id or repo_id_from_cache_path(src.folder)
+    licence = source_license(src.folder)
+    if plan.dense_config.get("license") and "license" not in licence:
+        licence["license"] = plan.dense_config["license"]
+    remote_code = bool(json.loads((folder / "config.json").read_text()).get("auto_map"))
+    render_card(summary, recipe_dict, base_model, verification=verification, license_info=licence,
+                remote_code=remote_code, repo_id=repo_id).save(folder / "README.md")
     written.append("README.md")
-    return written
+    return written, verification
+
+
+def _free_memory() -> Optional[int]:
+    """Bytes of RAM available now (Linux/macOS), or None when unknown."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[bool],
+                   quiet: bool) -> Optional[dict[str, Any]]:
+    """Compare the finished MoE in ``folder`` with the dense source (fp32, a few prompts).
+
+    ``verify=None`` runs it when the MoE at float32 fits in half the free RAM. An exact recipe whose
+    logits differ raises :class:`VerificationError`, so nothing is written.
+    """
+    from .errors import VerificationError
+    from .verify import verify as run_verify
+
+    if verify is False:
+        return {"skipped": "disabled with --no-verify"}
+    need, free = summary["total_params"] * 4, _free_memory()
+    if verify is None and free is not None and need > free // 2:
+        return {"skipped": f"the MoE needs ~{need / 1e9:.1f} GB of RAM at float32, {free / 1e9:.1f} GB free; "
+                           "pass --verify to force it"}
+    dense = str(src.folder) if src.repo_id else src.spec
+    report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
+    result = {k: v for k, v in report.to_dict().items() if k != "per_prompt"}
+    if not report.passed:
+        raise VerificationError(f"the converted MoE claims exactness but its logits differ from the dense model by "
+                                f"{report.max_abs_logit_diff:.3g} (> {report.atol:g}); nothing was written. "
+                                "This is a bug in upcycle: please report it with the recipe")
+    return result

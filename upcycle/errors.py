@@ -35,3 +35,11 @@ class VerificationError(UpcycleError):
     """A model that claims exactness failed verification."""
 
     exit_code = 1
+
+
+class IncompleteOutputError(UpcycleError):
+    """A folder to push is not a complete upcycle output (missing or truncated files)."""
+
+
+class HubError(UpcycleError):
+    """Talking to the Hugging Face Hub failed: no token, bad repo id, network or server error."""

@@ -10,6 +10,7 @@ import torch
 from .errors import CorruptCheckpointError, RecipeError
 from .experts import ExpertSlice, LayerExperts, MethodContext, get_method
 from .families import PROJECTIONS, DenseFamily, family_for_model_type
+from .families.base import SourceView
 from .io.safetensors_format import TensorInfo, TensorSpec
 from .recipe import Recipe
 from .routers import RouterContext, get_router_init
@@ -20,15 +21,20 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class SourceCache:
     """Holds the few most recent dense tensors (and their casts), so that every expert copy or slice
-    reads its dense matrix once. Outputs built from several dense tensors (packed experts) fit in it."""
+    reads its dense matrix once. Outputs built from several dense tensors (packed experts) fit in it.
+    ``views`` (from :meth:`DenseFamily.present`) serve canonical names as slices of fused tensors."""
 
-    def __init__(self, read: Callable[[str], torch.Tensor], size: int = 3):
+    def __init__(self, read: Callable[[str], torch.Tensor], size: int = 3,
+                 views: Optional[dict[str, SourceView]] = None):
         self._read = read
         self._size = size
+        self._views = views or {}
         self._entries: dict[str, dict[torch.dtype, torch.Tensor]] = {}
         self._raw_dtype: dict[str, torch.dtype] = {}
 
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if key in self._views:
+            return self._views[key].read(self.get(self._views[key].fused, dtype))
         if key in self._entries:
             self._entries[key] = self._entries.pop(key)  # most recent last
         else:
@@ -70,6 +76,8 @@ class ConversionPlan:
     dtype_name: str
     shared_size: int = 0
     tensors: list[OutTensor] = field(default_factory=list)
+    #: canonical dense names that are slices of fused checkpoint tensors (pass to SourceCache)
+    source_views: dict[str, SourceView] = field(default_factory=dict)
 
     @property
     def dense_layers(self) -> list[int]:
@@ -182,14 +190,35 @@ def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], d
     """Router, routed experts (projection by projection, so each dense matrix is read once) and extras."""
     target, family, experts = plan.target, plan.family, plan.layers[layer]
     out = [router_tensor(plan, layer, target.router_tensor_name(layer), dtype)]
-    for proj in PROJECTIONS:
-        key = family.mlp_key(layer, proj)
-        for e, sl in enumerate(experts.experts):
-            shape = _expert_shape(infos[key], proj, sl.width(plan.dense_size))
-            out.append(OutTensor(TensorSpec(target.expert_tensor_name(layer, e, proj), shape, dtype), key,
-                                 _expert_maker(key, proj, sl, dtype), expert_of=layer))
+    if target.packed_experts:
+        out.extend(_packed_experts(plan, layer, infos, dtype))
+    else:
+        for proj in PROJECTIONS:
+            key = family.mlp_key(layer, proj)
+            for e, sl in enumerate(experts.experts):
+                shape = _expert_shape(infos[key], proj, sl.width(plan.dense_size))
+                out.append(OutTensor(TensorSpec(target.expert_tensor_name(layer, e, proj), shape, dtype), key,
+                                     _expert_maker(key, proj, sl, dtype), expert_of=layer))
     if target.extra_layer_tensors is not None:
         out.extend(target.extra_layer_tensors(plan, layer))
+    return out
+
+
+def _packed_experts(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype) -> list[OutTensor]:
+    """One tensor per template of ``target.packed_experts``: ``[E, rows, cols]``, each expert's listed
+    projections concatenated along rows (e.g. gate then up -> ``[E, 2F, H]``)."""
+    out = []
+    slices = plan.layers[layer].experts
+    for template, projs in plan.target.packed_experts.items():
+        keys = [plan.family.mlp_key(layer, proj) for proj in projs]
+        shapes = [_expert_shape(infos[key], proj, slices[0].width(plan.dense_size)) for key, proj in zip(keys, projs)]
+        shape = (len(slices), sum(s[0] for s in shapes), shapes[0][1])
+        makers = [[_expert_maker(key, proj, sl, dtype) for key, proj in zip(keys, projs)] for sl in slices]
+
+        def make(cache: SourceCache, makers=makers) -> torch.Tensor:
+            return torch.stack([torch.cat([m(cache) for m in row], dim=0) for row in makers])
+
+        out.append(OutTensor(TensorSpec(template.format(i=layer), shape, dtype), keys[0], make, expert_of=layer))
     return out
 
 
@@ -209,22 +238,25 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
     recipe.validate()
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     family = family_for_model_type(cfg.get("model_type", ""))
+    stored = infos
+    infos, views = family.present(cfg, infos)
     target = choose_target(recipe.target, family, cfg)
     method = get_method(recipe.method)
     num_layers = family.num_layers(cfg)
     plan = ConversionPlan(recipe=recipe, family=family, target=target, dense_config=cfg,
                           hidden_size=family.hidden_size(cfg), dense_size=family.intermediate_size(cfg),
                           num_layers=num_layers, moe_layers=list(range(num_layers)), layers={},
-                          dtype_name=_output_dtype(recipe, infos))
+                          dtype_name=_output_dtype(recipe, infos), source_views=views)
     _check_mlp_tensors(plan, infos)
     for layer in plan.moe_layers:
         ctx = MethodContext(layer, plan.dense_size, plan.hidden_size, recipe.num_experts, recipe.top_k,
                             _layer_generator(recipe.seed, layer, 0), recipe.extra)
-        plan.layers[layer] = method.build(ctx)
+        plan.layers[layer] = target.adjust_experts(plan, layer, method.build(ctx))
 
     out_dtype = DTYPES[plan.dtype_name]
     tied = bool(cfg.get("tie_word_embeddings", False))
     emitted: set[int] = set()
+    emitted_fused: set[str] = set()
     for key, info in infos.items():
         if tied and key == "lm_head.weight":
             continue
@@ -234,6 +266,12 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
                 emitted.add(role[0])
                 plan.tensors.extend((target.layer_tensors or _moe_block)(plan, role[0], infos, out_dtype))
             continue
+        if target.keeps_fused and key in views:  # written as stored (e.g. Phi-3 qkv_proj), once
+            key = views[key].fused
+            if key in emitted_fused:
+                continue
+            emitted_fused.add(key)
+            info = stored[key]
         dtype = out_dtype if info.dtype.is_floating_point else info.dtype
         plan.tensors.append(OutTensor(TensorSpec(key, info.shape, dtype), key,
                                       lambda cache, key=key, dtype=dtype: cache.get(key, dtype)))

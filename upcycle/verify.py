@@ -31,6 +31,7 @@ class VerifyReport:
     passed: bool
     atol: float
     dtype: str
+    weights_dtype: str
     num_prompts: int
     max_new_tokens: int
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
@@ -66,9 +67,11 @@ def _load_tokenizer(moe_path: Path, dense_src):
 
     for kwargs in ({"pretrained_model_name_or_path": str(moe_path)}, dense_src.pretrained_kwargs()):
         try:
-            return AutoTokenizer.from_pretrained(**kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         except Exception:  # noqa: BLE001 - a folder without a usable tokenizer
             continue
+        if tokenizer(DEFAULT_PROMPTS[0]).input_ids:  # transformers 5 builds empty Qwen tokenizers from config alone
+            return tokenizer
     return None
 
 
@@ -76,7 +79,8 @@ def _random_prompts(moe_path: Path):
     """Fixed pseudo-random token ids, for checkpoints that ship no tokenizer (tiny test models)."""
     import torch
 
-    vocab = json.loads((moe_path / "config.json").read_text())["vocab_size"]
+    config = json.loads((moe_path / "config.json").read_text())
+    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]  # bundled: under text_config
     gen = torch.Generator().manual_seed(0)
     encoded = [torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 11, 17, 23)]
     return [f"<{ids.shape[1]} random token ids>" for ids in encoded], encoded, None
@@ -89,13 +93,24 @@ def _claims_exact(moe_path: Path) -> bool:
     return bool(json.loads(recipe.read_text()).get("upcycle", {}).get("exact", False))
 
 
-def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, dtype, device: str,
+def _stored_dtype(moe_path: Path, default: str) -> str:
+    """The dtype the MoE's weights are stored in, from its config."""
+    config = json.loads((moe_path / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype") or default
+    return stored if stored in DEFAULT_ATOL else default
+
+
+def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weights_dtype, dtype, device: str,
          pad_token_id: Optional[int]):
-    """Logits and greedy continuations of every prompt; the model is freed before returning."""
+    """Logits and greedy continuations of every prompt; the model is freed before returning.
+
+    Weights are first rounded to ``weights_dtype`` (the MoE's storage precision, so the dense model
+    gets the same rounding the conversion applied), then the model computes in ``dtype``.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=weights_dtype).to(device, dtype).eval()
     logits, generations = [], []
     with torch.no_grad():
         for ids in encoded:
@@ -146,9 +161,12 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     else:
         prompts, encoded, pad = _random_prompts(moe_path)
 
-    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_dtype, device, pad)
+    weights_dtype = _stored_dtype(moe_path, dtype)
+    torch_weights = getattr(torch, weights_dtype)
+    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_weights,
+                                   torch_dtype, device, pad)
     moe_logits, moe_gen = _run({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
-                               torch_dtype, device, pad)
+                               torch_weights, torch_dtype, device, pad)
 
     per_prompt, max_diff, kls, matches, agree, total = [], 0.0, [], 0, 0, 0
     for prompt, a, b, ga, gb in zip(prompts, dense_logits, moe_logits, dense_gen, moe_gen):
@@ -171,6 +189,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
         passed=(max_diff <= atol) if exact_expected else True,
         atol=atol,
         dtype=dtype,
+        weights_dtype=weights_dtype,
         num_prompts=len(prompts),
         max_new_tokens=max_new_tokens,
         per_prompt=per_prompt,

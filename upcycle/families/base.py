@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..io.safetensors_format import TensorInfo
 
 PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """A canonical dense tensor that the checkpoint stores inside a fused one: rows ``[start, stop)``
+    of ``fused`` (e.g. Phi-3's ``q_proj`` inside ``qkv_proj``)."""
+
+    fused: str
+    start: int
+    stop: int
+
+    def read(self, fused: "Any") -> "Any":
+        return fused.narrow(0, self.start, self.stop - self.start).contiguous()
+
+
+#: ``split(config, key, shape)`` -> ``[(canonical_key, start, stop), ...]`` for a fused tensor, else None
+FusedSplit = Callable[[dict[str, Any], str, tuple[int, ...]], Optional[list[tuple[str, int, int]]]]
 
 
 @dataclass(frozen=True)
@@ -15,6 +36,7 @@ class DenseFamily:
 
     ``mlp`` maps a projection role (``gate``, ``up``, ``down``) to the module path inside layer ``i``.
     ``native_target`` is the transformers MoE target that ``--target auto`` picks.
+    ``split_fused`` presents fused checkpoint tensors under canonical (split) names; see :meth:`present`.
     """
 
     name: str
@@ -23,15 +45,34 @@ class DenseFamily:
     layer_prefix: str = "model.layers.{i}."
     mlp: dict[str, str] = field(default_factory=lambda: {"gate": "mlp.gate_proj", "up": "mlp.up_proj",
                                                           "down": "mlp.down_proj"})
+    split_fused: Optional[FusedSplit] = None
     notes: str = ""
     #: how FFN matrices are stored: "linear" ([out, in], nn.Linear) or "conv1d" ([in, out], GPT-2's Conv1D)
     mlp_layout: str = "linear"
-    #: gate and up are one fused [2F, H] matrix, gate rows first (Phi-3 ``gate_up_proj``)
-    fused_gate_up: bool = False
     #: dense config keys naming the FFN activation, first found wins
     activation_keys: tuple[str, ...] = ("hidden_act",)
     #: dense config key of the dropout the MLP applies to its output while training, if any
     mlp_dropout_key: Optional[str] = None
+
+    def present(self, config: dict[str, Any], infos: dict[str, "TensorInfo"]
+                ) -> tuple[dict[str, "TensorInfo"], dict[str, SourceView]]:
+        """The checkpoint under canonical names: fused tensors are replaced, in place, by their parts.
+
+        Returns the new ``infos`` and the views that read each part from its fused tensor.
+        """
+        if self.split_fused is None:
+            return infos, {}
+        out: dict[str, "TensorInfo"] = {}
+        views: dict[str, SourceView] = {}
+        for key, info in infos.items():
+            parts = self.split_fused(config, key, info.shape)
+            if not parts:
+                out[key] = info
+                continue
+            for name, start, stop in parts:
+                views[name] = SourceView(key, start, stop)
+                out[name] = dataclasses.replace(info, shape=(stop - start, *info.shape[1:]), start=0, end=0)
+        return out, views
 
     def num_layers(self, config: dict[str, Any]) -> int:
         return int(_first(config, ("num_hidden_layers", "n_layer")))
@@ -64,15 +105,11 @@ class DenseFamily:
     def ffn_matrix(self, read, layer: int, proj: str, kind: str = "weight"):
         """A projection's dense weight in nn.Linear orientation (gate/up [F, H], down [H, F]) or its bias.
 
-        ``read(key)`` returns a stored tensor; Conv1D weights are transposed and fused gate/up split here.
+        ``read(key)`` returns a tensor under its canonical name (fused ones are split by :meth:`present`'s
+        views); Conv1D weights are transposed here.
         """
         tensor = read(self.mlp_key(layer, proj, kind))
-        if kind == "weight" and self.mlp_layout == "conv1d":
-            tensor = tensor.t()
-        if self.fused_gate_up and proj in ("gate", "up"):
-            half = tensor.shape[0] // 2
-            tensor = tensor[:half] if proj == "gate" else tensor[half:]
-        return tensor
+        return tensor.t() if kind == "weight" and self.mlp_layout == "conv1d" else tensor
 
     def mlp_key(self, layer: int, proj: str, kind: str = "weight") -> str:
         return f"{self.layer_prefix.format(i=layer)}{self.mlp[proj]}.{kind}"

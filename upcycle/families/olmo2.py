@@ -1,4 +1,4 @@
-"""OLMo 2: Llama-style gated FFN with post-norms and q/k RMSNorm."""
+"""OLMo 2: Llama MLP, q/k RMSNorm over the whole projection, norms after attention and after the FFN."""
 
 from .base import DenseFamily
 

@@ -11,10 +11,14 @@ from .source import DenseSource
 __all__ = ["DenseSource", "open_source"]
 
 
-def open_source(spec: str, revision: Optional[str] = None, quiet: bool = False) -> DenseSource:
-    """Open a dense checkpoint: a local folder, a ``.gguf`` file, or a Hub repo id (``namespace/name``)."""
+def open_source(spec: str, revision: Optional[str] = None, quiet: bool = False,
+                headers_only: bool = False) -> DenseSource:
+    """Open a dense checkpoint: a local folder, a ``.gguf`` file, or a Hub repo id (``namespace/name``).
+
+    ``headers_only`` (for dry runs) lets a Hub source skip downloading weights.
+    """
     from .folder import open_folder
-    from .hub import download, looks_like_repo_id
+    from .hub import download, looks_like_repo_id, open_headers
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -31,6 +35,8 @@ def open_source(spec: str, revision: Optional[str] = None, quiet: bool = False) 
             return GGUFSource(ggufs[0], spec)
         return open_folder(path, spec)
     if looks_like_repo_id(spec):
+        if headers_only:
+            return open_headers(spec, revision, quiet=quiet)
         folder = download(spec, revision, quiet=quiet)
         source = open_folder(folder, spec)
         source.repo_id, source.commit = spec, folder.name

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from ..errors import SourceNotFoundError
-from .source import TOKENIZER_FILES
+from .safetensors_format import STR_TO_DTYPE, TensorInfo
+from .source import TOKENIZER_FILES, DenseSource
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-META_FILES = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+META_FILES = ["config.json", "generation_config.json", "README.md", *TOKENIZER_FILES]
 WEIGHT_PATTERNS = (
     ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"],
     ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"],
@@ -30,8 +33,8 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for patterns in WEIGHT_PATTERNS for name in patterns if "*" not in name)
 
 
-def download(repo_id: str, revision: Optional[str] = None, quiet: bool = False) -> Path:
-    """Fetch config, tokenizer and weights (safetensors if the repo has them, else .bin) and return the folder."""
+def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str], quiet: bool) -> Path:
+    """``snapshot_download`` of the files matching ``patterns``, with Hub errors turned into one clear line."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -44,13 +47,7 @@ def download(repo_id: str, revision: Optional[str] = None, quiet: bool = False) 
     if quiet:
         disable_progress_bars()
     try:
-        folder = None
-        for weights in WEIGHT_PATTERNS:
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=META_FILES + weights))
-            if _has_weights(folder):
-                return folder
-        raise SourceNotFoundError(f"Hub repo {repo_id} has no transformers weights "
-                                  "(model.safetensors, sharded safetensors or pytorch_model.bin)")
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise SourceNotFoundError(f"Hub repo {repo_id} is gated: accept its terms on the Hub and log in "
                                   "(HF_TOKEN or `hf auth login`)") from None
@@ -67,3 +64,62 @@ def download(repo_id: str, revision: Optional[str] = None, quiet: bool = False) 
     finally:
         if quiet:
             enable_progress_bars()
+
+
+def download(repo_id: str, revision: Optional[str] = None, quiet: bool = False) -> Path:
+    """Fetch config, tokenizer and weights (safetensors if the repo has them, else .bin) and return the folder."""
+    for weights in WEIGHT_PATTERNS:
+        folder = _snapshot(repo_id, revision, META_FILES + weights, quiet)
+        if _has_weights(folder):
+            return folder
+    raise SourceNotFoundError(f"Hub repo {repo_id} has no transformers weights "
+                              "(model.safetensors, sharded safetensors or pytorch_model.bin)")
+
+
+class HubHeadersSource(DenseSource):
+    """Config, tokenizer files and safetensors headers of a Hub repo, without the weights (for ``--dry-run``).
+
+    Headers come from ``huggingface_hub.get_safetensors_metadata`` (HTTP range requests).
+    """
+
+    def __init__(self, repo_id: str, revision: Optional[str], folder: Path, infos: dict[str, TensorInfo]):
+        self.spec = self.repo_id = repo_id
+        self.folder, self.commit, self._infos = folder, folder.name, infos
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def read(self, name: str) -> torch.Tensor:
+        raise RuntimeError("internal error: a headers-only Hub source has no tensor data")
+
+    def load_config(self) -> Any:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.folder)
+
+
+def open_headers(repo_id: str, revision: Optional[str] = None, quiet: bool = False) -> DenseSource:
+    """A source that knows every tensor's shape and dtype without downloading weights.
+
+    Offline, or for repos without safetensors, it falls back to the cached (or downloaded) checkpoint.
+    """
+    from huggingface_hub import constants, get_safetensors_metadata
+
+    from .folder import open_folder
+
+    folder = _snapshot(repo_id, revision, META_FILES, quiet)
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            meta = get_safetensors_metadata(repo_id, revision=revision)
+        except Exception:  # noqa: BLE001 - no safetensors or no network: use the full path below
+            meta = None
+        if meta is not None:
+            infos = {}
+            for file_name, file_meta in meta.files_metadata.items():
+                for name, t in file_meta.tensors.items():
+                    infos[name] = TensorInfo(folder / file_name, STR_TO_DTYPE[t.dtype], tuple(t.shape))
+            return HubHeadersSource(repo_id, revision, folder, infos)
+    source = open_folder(download(repo_id, revision, quiet), repo_id)
+    source.repo_id, source.commit = repo_id, source.folder.name
+    return source

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..experts import LayerExperts
     from ..plan import ConversionPlan, OutTensor
 
 
@@ -26,7 +27,9 @@ def no_mlp_bias(cfg: dict[str, Any]) -> bool:
 
 
 def full_rotary(cfg: dict[str, Any]) -> bool:
-    return float(cfg.get("partial_rotary_factor", 1.0) or 1.0) == 1.0
+    """Rotary embeddings on the whole head (the factor sits at top level or, in v5, in rope_parameters)."""
+    factors = [cfg.get("partial_rotary_factor"), (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")]
+    return all(float(f or 1.0) == 1.0 for f in factors)
 
 
 COMMON_REQUIREMENTS = (
@@ -42,6 +45,10 @@ class MoeTarget:
     Keys are templates with ``{i}`` (layer), ``{e}`` (expert) and ``{proj}`` (the target's name for a
     projection, from ``proj_names``). ``moe_config`` returns the MoE-specific config keys; the rest are
     copied from the dense config where the target's config class knows them.
+
+    ``packed_experts`` (instead of ``expert_key``) maps a per-layer key template to the projections it
+    packs for all experts at once: ``[E, rows, cols]``, the listed projections concatenated along rows.
+    ``adjust`` may rewrite a layer's experts (e.g. scale them to make room for an always-on MLP).
     """
 
     name: str
@@ -60,12 +67,18 @@ class MoeTarget:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     #: dense config keys to carry over although the target's config class does not list them by default
     copy_keys: tuple[str, ...] = ()
+    packed_experts: Optional[dict[str, tuple[str, ...]]] = None
+    adjust: Optional[Callable[["ConversionPlan", int, "LayerExperts"], "LayerExperts"]] = None
+    #: a transformers architecture: COMMON_REQUIREMENTS apply (the bundled model sets False, it has its own)
+    native: bool = True
     #: the experts can hold the dense MLP biases
     supports_mlp_bias: bool = False
     #: replaces the generic router + experts layout of an MoE layer: (plan, layer, infos, dtype) -> tensors
     layer_tensors: Optional[Callable[..., list["OutTensor"]]] = None
     #: builds the output config object itself instead of copying keys into ``config_class``
     make_config: Optional[Callable[["ConversionPlan"], Any]] = None
+    #: dense tensors that the family splits (Phi-3 qkv_proj, gate_up_proj) are written fused, as stored
+    keeps_fused: bool = False
     #: writes extra files (e.g. remote code) into the output folder; returns their names
     extra_files: Optional[Callable[[Any, "ConversionPlan"], list[str]]] = None
 
@@ -74,10 +87,13 @@ class MoeTarget:
         if family_name not in self.families:
             return (f"target {self.name!r} does not take the {family_name!r} family "
                     f"(it takes: {', '.join(self.families)})")
-        for req in COMMON_REQUIREMENTS + self.requirements:
+        for req in (COMMON_REQUIREMENTS if self.native else ()) + self.requirements:
             if not req.holds(config):
                 return req.reason.format(target=self.name)
         return None
+
+    def adjust_experts(self, plan: "ConversionPlan", layer: int, experts: "LayerExperts") -> "LayerExperts":
+        return experts if self.adjust is None else self.adjust(plan, layer, experts)
 
     def expert_tensor_name(self, layer: int, expert: int, proj: str) -> str:
         return self.expert_key.format(i=layer, e=expert, proj=self.proj_names[proj])

@@ -1,4 +1,5 @@
-"""Mixtral: softmax router with renormalised top-k; takes llama and mistral (sliding window)."""
+"""Mixtral: softmax router with renormalised top-k; takes llama, mistral (sliding window) and phi3
+(fused qkv/gate_up presented split by the phi3 family; full rotary only)."""
 
 from .base import MoeTarget, Requirement, no_attention_bias
 
@@ -8,6 +9,8 @@ def _moe_config(plan):
         "num_local_experts": plan.recipe.num_experts,
         "num_experts_per_tok": plan.recipe.top_k,
         "intermediate_size": plan.expert_size,
+        # explicit, so rope validation (phi3 longrope) sees it; mixtral derives the same value when absent
+        "head_dim": plan.dense_config.get("head_dim") or plan.hidden_size // plan.dense_config["num_attention_heads"],
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
     }
@@ -17,7 +20,7 @@ TARGET = MoeTarget(
     name="mixtral",
     model_type="mixtral",
     config_class="MixtralConfig",
-    families=("llama", "mistral"),
+    families=("llama", "mistral", "phi3"),
     router_key="model.layers.{i}.block_sparse_moe.gate.weight",
     expert_key="model.layers.{i}.block_sparse_moe.experts.{e}.{proj}.weight",
     proj_names={"gate": "w1", "up": "w3", "down": "w2"},

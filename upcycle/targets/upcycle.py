@@ -9,19 +9,20 @@ layer (``P`` = the family's MLP path, e.g. ``model.layers.3.mlp``, ``transformer
     P.experts.{e}.{...}.bias                            when the dense MLP has biases
     P.shared_experts.{...}                              when the method asks for a shared expert
 
-Conv1D weights (GPT-2) are transposed and fused ``gate_up_proj`` (Phi-3) split while streaming. The
+Conv1D weights (GPT-2) are transposed and fused ``gate_up_proj`` (Phi-3) split while streaming; fused
+tensors outside the MoE blocks (Phi-3 ``qkv_proj``, dense layers' ``gate_up_proj``) are written as stored. The
 checkpoint carries the self-contained modeling files and an ``auto_map`` for ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
+from ..families import all_families
 from .base import MoeTarget
 
 _TEXT_CONFIG_SKIP = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
@@ -143,19 +144,13 @@ def copy_remote_code(folder: Path, plan) -> list[str]:
     return list(remote_code_sources())
 
 
-@dataclass(frozen=True)
-class BundledTarget(MoeTarget):
-    """Exact for every family with an identifiable MLP: nothing outside the MLP changes."""
-
-    def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
-        return None
-
-
-TARGET = BundledTarget(
+TARGET = MoeTarget(
     name="upcycle",
     model_type="upcycle_moe",
     config_class="UpcycleMoeConfig",
-    families=(),
+    families=tuple(all_families()),
+    native=False,
+    keeps_fused=True,
     router_key="<mlp>.router.weight",
     expert_key="<mlp>.experts.{e}.{proj}.weight",
     proj_names=dict(_NAMES),

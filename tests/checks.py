@@ -1,0 +1,43 @@
+"""Shared assertions for the CLI tests: clean one-line errors, nothing left behind, file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from upcycle.cli import cli
+
+
+def run_cli(*args: str) -> Result:
+    """Invoke the ``upcycle`` CLI in-process (stdout and stderr kept apart)."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden temporary siblings that an interrupted or failed conversion must not leave behind."""
+    return sorted(p.name for p in Path(parent).iterdir() if ".upcycle-tmp-" in p.name or ".upcycle-old-" in p.name)
+
+
+def assert_clean_error(result: Result, output: Path, *fragments: str) -> str:
+    """A user error: non-zero exit, exactly one ``error:`` line naming ``fragments``, no traceback,
+    nothing under ``output`` and no temporary folder beside it. Returns the error line."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    text = result.output
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert not Path(output).exists(), f"{output} was written"
+    assert leftovers(Path(output).parent) == []
+    return errors[0]
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,27 @@
+"""FlexOlmo: the OLMo 2 decoder (q/k norm, post-attention and post-FFN norms) with a softmax router;
+exact with ``norm_topk_prob=true``. Its ``intermediate_size`` is the expert width."""
+
+from .base import MoeTarget
+
+
+def _moe_config(plan):
+    return {
+        "num_experts": plan.recipe.num_experts,
+        "num_experts_per_tok": plan.recipe.top_k,
+        "intermediate_size": plan.expert_size,
+        "norm_topk_prob": True,
+        "output_router_logits": False,
+    }
+
+
+TARGET = MoeTarget(
+    name="flex_olmo",
+    model_type="flex_olmo",
+    config_class="FlexOlmoConfig",
+    families=("olmo2",),
+    router_key="model.layers.{i}.mlp.gate.weight",
+    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
+    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    moe_config=_moe_config,
+    description="FlexOlmoForCausalLM with norm_topk_prob=true",
+)
