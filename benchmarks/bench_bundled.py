@@ -119,7 +119,7 @@ def main() -> None:
         print(f"{k}: bundled / {s['best_mixtral']} throughput = {s['bundled_vs_best_mixtral']:.2f}x; "
               f"bundled time / dense time = {s['dense_vs_bundled_time']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

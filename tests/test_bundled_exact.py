@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from factories import VOCAB, make_dense, max_logit_diff, read_json
 
 from upcycle.cli import cli
+from upcycle.inspection import inspect
 
 CASES = [
     ("llama", {}),
@@ -97,3 +98,6 @@ def test_bundled_checkpoint_layout(tmp_path):
             src.get_tensor("transformer.h.1.mlp.c_proj.bias"))
         assert moe.get_tensor("transformer.h.1.mlp.router.weight").shape == (2, 64)
         assert "transformer.h.1.mlp.c_fc.weight" not in moe.keys()
+    report = inspect(tmp_path / "moe")
+    assert (report["num_layers"], report["moe_layers"], report["num_experts"]) == (3, [0, 1, 2], 2)
+    assert report["active_params"] < report["total_params"]
