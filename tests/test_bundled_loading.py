@@ -72,6 +72,16 @@ def test_import_upcycle_stays_light():
     assert done.stdout.strip() == "False", done.stderr
 
 
+@pytest.mark.parametrize("first", ["upcycle.modeling.configuration_upcycle_moe", "transformers.models.auto.modeling_auto"])
+def test_registration_whatever_is_imported_first(first):
+    script = (f"import {first}, upcycle\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+              "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M\n"
+              "from upcycle.modeling import UpcycleMoeConfig as C, UpcycleMoeForCausalLM as L\n"
+              "print(AutoConfig.for_model('upcycle_moe').__class__ is C and M[C] is L)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
 def _isolated_python() -> list[str]:
     """An interpreter that sees torch and transformers but not upcycle.
 
