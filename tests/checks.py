@@ -41,3 +41,18 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fail_writes_after(monkeypatch, exc: BaseException, after: int = 2) -> None:
+    """Make the shard writer raise ``exc`` once ``after`` tensors were written (disk full, Ctrl-C, ...)."""
+    import upcycle.io.writer as writer
+
+    real, count = writer.write_tensor_bytes, [0]
+
+    def failing(f, spec, tensor):
+        count[0] += 1
+        if count[0] > after:
+            raise exc
+        return real(f, spec, tensor)
+
+    monkeypatch.setattr(writer, "write_tensor_bytes", failing)

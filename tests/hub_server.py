@@ -8,7 +8,8 @@ reads). Writes need ``Authorization: Bearer <one of tokens>``.
 
 Limits (what it does not do):
 - no Xet storage: clients must set ``HF_HUB_DISABLE_XET=1`` (huggingface_hub then uses LFS);
-- no multipart LFS, no CDN redirects (files are served directly), no pagination of tree listings;
+- no multipart LFS, no CDN redirects (files are served directly), no pagination of tree listings,
+  one byte range per request (``bytes=a-b`` or ``bytes=a-``);
 - commits are flat snapshots with made-up hashes, no git objects, history or merges; a pull
   request is just a ``refs/pr/N`` branch; no gated repos, no rate limits, no ``.gitignore`` rules;
 - "LFS or regular" is decided by a NUL byte in the first 512 bytes or a size over 10 MB,
@@ -67,6 +68,7 @@ class HubStandIn:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.log: list[tuple[str, str]] = []
+        self.ranged: list[str] = []  # paths read with a Range header
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
         self._counter = 0
@@ -208,6 +210,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return sha
 
+    def _snapshot(self, repo_id: str, revision: str) -> tuple[Optional[Repo], Optional[str]]:
+        """The readable repo and the commit ``revision`` names, or ``(.., None)`` once an error is sent."""
+        repo = self._repo(repo_id)
+        return (repo, self._commit_of(repo, revision)) if repo is not None else (None, None)
+
     # -- endpoints -------------------------------------------------------------------------------
     def whoami(self, body: bytes, query: dict) -> None:
         if not self._authorized():
@@ -341,20 +348,14 @@ class _Handler(BaseHTTPRequestHandler):
                          "pullRequestUrl": pr_url, "success": True})
 
     def model_info(self, body: bytes, query: dict, repo_id: str, revision: str = "main") -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        sha = self._commit_of(repo, revision)
+        repo, sha = self._snapshot(repo_id, revision)
         if sha is None:
             return
         self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                          "siblings": [{"rfilename": p} for p in sorted(repo.commits[sha])]})
 
     def tree(self, body: bytes, query: dict, repo_id: str, revision: str, prefix: str = "") -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        sha = self._commit_of(repo, revision)
+        repo, sha = self._snapshot(repo_id, revision)
         if sha is None:
             return
         entries = []
@@ -368,10 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, entries)
 
     def resolve(self, body: bytes, query: dict, repo_id: str, revision: str, path: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        sha = self._commit_of(repo, revision)
+        repo, sha = self._snapshot(repo_id, revision)
         if sha is None:
             return
         data = repo.commits[sha].get(path)
@@ -383,9 +381,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
         status, ranged = 200, self.headers.get("Range")
         if ranged and ranged.startswith("bytes="):
-            start = int(ranged[6:].split("-")[0])
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            data, status = data[start:], 206
+            self.hub.ranged.append(urlsplit(self.path).path)
+            first, _, last = ranged[6:].partition("-")
+            start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            data, status = data[start:stop], 206
         self._send(status, data, headers, content_type="application/octet-stream")
 
 

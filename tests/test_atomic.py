@@ -10,24 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from checks import assert_clean_error, leftovers, run_cli, tree_hashes
+from checks import assert_clean_error, fail_writes_after, leftovers, run_cli, tree_hashes
 from factories import make_dense
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fail_after(monkeypatch, exc: BaseException, after: int = 3) -> None:
-    import upcycle.io.writer as writer
-
-    real, count = writer.write_tensor_bytes, [0]
-
-    def failing(f, spec, tensor):
-        count[0] += 1
-        if count[0] > after:
-            raise exc
-        return real(f, spec, tensor)
-
-    monkeypatch.setattr(writer, "write_tensor_bytes", failing)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +24,7 @@ def dense(tmp_path_factory) -> Path:
 def test_exception_mid_write_leaves_nothing(tmp_path, dense, monkeypatch):
     import upcycle
 
-    _fail_after(monkeypatch, RuntimeError("boom"))
+    fail_writes_after(monkeypatch, RuntimeError("boom"), after=3)
     before = tree_hashes(dense)
     out = tmp_path / "moe"
     with pytest.raises(RuntimeError, match="boom"):
@@ -48,7 +34,7 @@ def test_exception_mid_write_leaves_nothing(tmp_path, dense, monkeypatch):
 
 
 def test_ctrl_c_in_process(tmp_path, dense, monkeypatch):
-    _fail_after(monkeypatch, KeyboardInterrupt())
+    fail_writes_after(monkeypatch, KeyboardInterrupt(), after=3)
     out = tmp_path / "moe"
     result = run_cli("convert", dense, out, "-q")
     assert result.exit_code == 130

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli, tree_hashes
-from factories import make_dense, max_logit_diff, save_tiny_tokenizer
+from factories import make_dense, max_logit_diff, read_json, save_tiny_tokenizer
 from safetensors.torch import load_file
 
 ROUTER = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.gate\.weight$")
@@ -89,3 +89,22 @@ def test_normal_router_std(tmp_path, dense, std):
 def test_router_std_zero_gives_zero_router(tmp_path, dense):
     out = _convert(dense, tmp_path / "s0", "--router-std", "0")
     assert not any(w.any() for w in _routers(out).values())
+
+
+def _with_threads(n: int, dense: Path, out: Path, *args: str) -> dict[str, str]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return tree_hashes(_convert(dense, out, *args))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_count_does_not_change_the_model(tmp_path, dense):
+    """Weights, config, recipe and card (with the verification measured at conversion time) do not
+    depend on how many threads torch uses."""
+    one = _with_threads(1, dense, tmp_path / "one", "--verify")
+    two = _with_threads(2, dense, tmp_path / "two", "--verify")
+    assert one == two
+    assert "verification" in read_json(tmp_path / "one" / "upcycle_recipe.json")["upcycle"]
+

@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from checks import assert_clean_error, leftovers, run_cli, tree_hashes
+from checks import assert_clean_error, fail_writes_after, leftovers, run_cli, tree_hashes
 from factories import make_dense, read_json
 
 
@@ -239,23 +239,8 @@ def test_qwen3_mixed_sliding_layers_refused_by_qwen3_moe(tmp_path):
     assert_clean_error(convert(dense, out, "--target", "qwen3_moe"), out, "sliding")
 
 
-def _fail_writes_with(monkeypatch, exc: Exception, after: int = 2):
-    """Make the shard writer raise ``exc`` after ``after`` tensors were written."""
-    import upcycle.io.writer as writer
-
-    real, count = writer.write_tensor_bytes, [0]
-
-    def failing(f, spec, tensor):
-        count[0] += 1
-        if count[0] > after:
-            raise exc
-        return real(f, spec, tensor)
-
-    monkeypatch.setattr(writer, "write_tensor_bytes", failing)
-
-
 def test_disk_full(tmp_path, llama, monkeypatch):
-    _fail_writes_with(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    fail_writes_after(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     out = tmp_path / "moe"
     assert_clean_error(convert(llama, out), out, "No space left on device", "disk full", "nothing was written")
 
@@ -264,7 +249,7 @@ def test_disk_full_while_replacing_keeps_the_old_output(tmp_path, llama, monkeyp
     out = tmp_path / "moe"
     assert convert(llama, out, "-e", "2", "-k", "1").exit_code == 0
     before = tree_hashes(out)
-    _fail_writes_with(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    fail_writes_after(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     result = convert(llama, out, "--force")
     assert result.exit_code != 0 and "disk full" in result.output and "Traceback" not in result.output
     assert tree_hashes(out) == before

@@ -13,6 +13,8 @@ CASES = [
     ("qwen2", "Qwen2MoeForCausalLM", {}),
     ("qwen2", "Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     ("qwen3", "Qwen3MoeForCausalLM", {}),
+    # one sliding window for every layer (qwen3_moe expresses that; mixed layers are refused)
+    ("qwen3", "Qwen3MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}),
 ]
 
 

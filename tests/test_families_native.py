@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from factories import make_dense, max_logit_diff, read_json
 from safetensors import safe_open
 
+from upcycle import inspect
 from upcycle.cli import cli
 
 # Phi-3 128k: longrope switches from short to long factors past original_max_position_embeddings (16 < 40)
@@ -27,8 +28,10 @@ CASES = [
 ]
 
 
-def _convert(dense, out, *args):
-    return CliRunner().invoke(cli, ["convert", str(dense), str(out), "-e", "4", "-k", "2", "-q", *args])
+def _convert(dense, out, *args, verify=False):
+    """Convert with the CLI; the tests measure |Δlogit| themselves, so conversion-time verify is opt-in."""
+    flag = "--verify" if verify else "--no-verify"
+    return CliRunner().invoke(cli, ["convert", str(dense), str(out), "-e", "4", "-k", "2", "-q", flag, *args])
 
 
 def _keys(folder):
@@ -44,12 +47,17 @@ def test_native_target_is_exact(tmp_path, family, cls, overrides):
     from transformers import AutoModelForCausalLM
 
     dense = make_dense(family, tmp_path / "dense", **overrides)
-    result = _convert(dense, tmp_path / "moe")
+    result = _convert(dense, tmp_path / "moe", verify=True)
     assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "moe" / "upcycle_recipe.json")["upcycle"]["verification"]["passed"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert type(model).__name__ == cls
     assert read_json(tmp_path / "moe" / "config.json")["architectures"] == [cls]
     assert max_logit_diff(dense, tmp_path / "moe", seq_len=40) <= 1e-4
+    # inspect reads the native layout (packed experts, moe_k/moe_topk) as the plan counted it
+    info, planned = inspect(tmp_path / "moe"), read_json(tmp_path / "moe" / "upcycle_recipe.json")["upcycle"]
+    assert (info["moe_layers"], info["num_experts"], info["top_k"]) == ([0, 1, 2], 4, 2)
+    assert info["active_params"] == planned["active_params"] < info["total_params"] == planned["total_params"]
 
 
 def test_granitemoe_packs_experts(tmp_path):
@@ -75,6 +83,37 @@ def test_phi3_fused_tensors_are_split(tmp_path):
     assert not any("qkv_proj" in k or "gate_up_proj" in k for k in keys)
 
 
+def test_granitemoeshared_on_request_is_exact(tmp_path):
+    """An explicit --target granitemoeshared: half/half shared MLP, packed like the experts."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_dense("granite", tmp_path / "dense")
+    result = _convert(dense, tmp_path / "moe", "--target", "granitemoeshared")
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "moe" / "config.json")["shared_intermediate_size"] == 96
+    assert _keys(tmp_path / "moe")["model.layers.0.shared_mlp.input_linear.weight"] == (2 * 96, 64)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == "GraniteMoeSharedForCausalLM"
+    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+
+
+QWEN3_MIXED = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+
+
+def test_qwen3_with_mixed_sliding_layers_goes_to_dots1(tmp_path):
+    """qwen3_moe has one window for all layers; dots1 copies layer_types, so auto takes it (exact)."""
+    from transformers import AutoModelForCausalLM
+
+    dense = make_dense("qwen3", tmp_path / "dense", **QWEN3_MIXED)
+    assert "sliding_attention" in read_json(dense / "config.json")["layer_types"]
+    refused = _convert(dense, tmp_path / "refused", "--target", "qwen3_moe")
+    assert refused.exit_code == 2 and "mixes sliding-window" in refused.output
+    result = _convert(dense, tmp_path / "moe")
+    assert result.exit_code == 0, result.output
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == "Dots1ForCausalLM"
+    assert _keys(tmp_path / "moe")["model.layers.0.mlp.shared_experts.gate_proj.weight"] == (96, 64)
+    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+
+
 def test_hunyuan_shared_mlp_is_half_of_the_dense_ffn(tmp_path):
     dense = make_dense("hunyuan_v1_dense", tmp_path / "dense")
     assert _convert(dense, tmp_path / "moe").exit_code == 0
@@ -97,8 +136,19 @@ def _split_in_two(ctx):
                         groups=[e // 2 for e in range(ctx.num_experts)])
 
 
-def test_hunyuan_with_narrow_experts_is_exact(tmp_path, monkeypatch):
-    """Experts narrower than the dense FFN: the shared MLP gets a zero down projection instead."""
+NARROW = [  # family, target, class, (config key, value), shared MLP key and shape
+    ("hunyuan_v1_dense", "auto", "HunYuanMoEV1ForCausalLM", ("intermediate_size", 48),
+     ("model.layers.2.mlp.shared_mlp.gate_proj.weight", (48, 64))),
+    ("granite", "granitemoeshared", "GraniteMoeSharedForCausalLM", ("shared_intermediate_size", 0), None),
+    ("qwen3", "dots1", "Dots1ForCausalLM", ("n_shared_experts", 1),
+     ("model.layers.1.mlp.shared_experts.up_proj.weight", (48, 64))),
+]
+
+
+@pytest.mark.parametrize("family,target,cls,config,shared", NARROW, ids=[n[1] for n in NARROW])
+def test_shared_mlp_with_narrow_experts_is_exact(tmp_path, monkeypatch, family, target, cls, config, shared):
+    """Experts narrower than the dense FFN already sum to it: hunyuan's shared MLP (as wide as an expert)
+    gets a zero down projection, granitemoeshared none at all."""
     import upcycle.experts
     from transformers import AutoModelForCausalLM
 
@@ -106,12 +156,13 @@ def test_hunyuan_with_narrow_experts_is_exact(tmp_path, monkeypatch):
 
     methods = {**upcycle.experts.all_methods(), "split2": ExpertMethod("split2", True, _split_in_two)}
     monkeypatch.setattr(upcycle.experts, "all_methods", lambda: methods)
-    dense = make_dense("hunyuan_v1_dense", tmp_path / "dense")
-    result = _convert(dense, tmp_path / "moe", "--method", "split2")
+    dense = make_dense(family, tmp_path / "dense")
+    result = _convert(dense, tmp_path / "moe", "--method", "split2", "--target", target)
     assert result.exit_code == 0, result.output
-    assert read_json(tmp_path / "moe" / "config.json")["intermediate_size"] == 48
-    assert _keys(tmp_path / "moe")["model.layers.2.mlp.shared_mlp.gate_proj.weight"] == (48, 64)
-    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == "HunYuanMoEV1ForCausalLM"
+    assert read_json(tmp_path / "moe" / "config.json")[config[0]] == config[1]
+    keys = _keys(tmp_path / "moe")
+    assert keys.get(shared[0]) == shared[1] if shared else not any("shared_mlp" in k for k in keys)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moe")).__name__ == cls
     assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
 
 

@@ -79,11 +79,13 @@ def _one_line_error(result) -> str:
 
 
 def test_push_uploads_a_complete_byte_identical_copy(hub, moe):
+    local = _local_files(moe)
+    (moe / ".DS_Store").write_bytes(b"junk")  # hidden files are not part of the model
     result = CliRunner().invoke(cli, ["push", str(moe), "tester/tiny-moe", "-q"])
     assert result.exit_code == 0, result.output
     assert f"to {hub.url}/tester/tiny-moe" in result.output
     remote = hub.files("tester/tiny-moe")
-    local = _local_files(moe)
+    local["README.md"] = (moe / "README.md").read_bytes()
     assert set(remote) == set(local) | {".gitattributes"}
     assert all(remote[name] == data for name, data in local.items())
     card = remote["README.md"].decode()
@@ -307,3 +309,47 @@ def test_hub_card_metadata_choices():
     assert "trust_remote_code=True" in card.text and "not exact by design" in card.text and "0.731" in card.text
     assert "not run at conversion time (disabled with --no-verify)" in verification_text(
         {"skipped": "disabled with --no-verify"}, True)
+
+
+def test_push_uses_upload_large_folder_over_the_threshold_when_the_client_has_it(hub, moe, monkeypatch):
+    """huggingface_hub 1.x had the resumable ``upload_large_folder``; 2.x folded resuming into upload_folder."""
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def upload_large_folder(self, repo_id, folder_path, repo_type=None, revision=None, private=None,
+                            ignore_patterns=None):
+        calls.append((repo_id, repo_type, revision))
+        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision, ignore_patterns=ignore_patterns)
+
+    monkeypatch.setattr(HfApi, "upload_large_folder", upload_large_folder, raising=False)
+    import upcycle
+
+    upcycle.push(moe, "tester/large", quiet=True, large_threshold="200MB")
+    assert calls == []
+    result = upcycle.push(moe, "tester/large", quiet=True, large_threshold="100KB")
+    assert calls == [("tester/large", "model", None)] and result.commit_url is None
+
+
+def test_convert_push_to_hub_failure_keeps_the_output_and_says_how_to_finish(hub, tmp_path):
+    dense = make_dense("llama", tmp_path / "dense")
+    hub.faults.append(Fault("POST", r"/commit/main$", 503, count=99))
+    out = tmp_path / "moe"
+    line = _one_line_error(CliRunner().invoke(cli, ["convert", str(dense), str(out), "--push-to-hub", "tester/later",
+                                                    "-q", "--no-verify"]))
+    assert f"converted to {out}, but push to tester/later did not complete" in line
+    assert f"`upcycle push {out} tester/later`" in line
+    assert (out / "upcycle_recipe.json").is_file()
+    hub.faults.clear()
+    result = CliRunner().invoke(cli, ["push", str(out), "tester/later", "-q"])
+    assert result.exit_code == 0, result.output
+
+
+def test_hub_dry_run_reads_headers_by_range_and_no_weights(hub, tmp_path):
+    dense = make_dense("llama", tmp_path / "dense")
+    _publish_dense(hub, dense, "org/headers-only")
+    result = CliRunner().invoke(cli, ["convert", "org/headers-only", str(tmp_path / "x"), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"dry_run": true' in result.output and not (tmp_path / "x").exists()
+    weight_reads = hub.requests("GET", r"/resolve/.*\.safetensors$")
+    assert weight_reads and len(weight_reads) == len([p for p in hub.ranged if p.endswith(".safetensors")])

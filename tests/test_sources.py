@@ -105,6 +105,19 @@ def test_other_layouts_give_the_same_moe(tmp_path, reference, layout):
     assert max_logit_diff(dense, out) <= 1e-4
 
 
+def test_stale_rotary_buffers_are_dropped(tmp_path, reference):
+    """Old .bin checkpoints saved ``rotary_emb.inv_freq`` buffers; the MoE is the same without them."""
+    dense, moe = reference
+    folder = _copy_meta(dense, tmp_path / "old-bin")
+    state = _state_dict(dense)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.arange(8, dtype=torch.float32)
+    torch.save(state, folder / "pytorch_model.bin")
+    out = tmp_path / "moe"
+    result = run_cli("convert", folder, out, "-e", "4", "-k", "2", "-q", "--no-verify")
+    assert result.exit_code == 0, result.output
+    _assert_same_tensors(moe, out)
+
+
 def test_bin_is_loaded_with_weights_only(tmp_path, reference):
     """A pickle that runs code on load is refused (weights_only=True), naming the file."""
     dense, _ = reference
@@ -241,3 +254,11 @@ def test_hub_offline_missing(tmp_path, offline_cache, args, fragment):
     out = tmp_path / "moe"
     result = run_cli("convert", *args[:1], out, *args[1:], "-q")
     assert_clean_error(result, out, fragment)
+
+
+def test_hub_dry_run_offline(tmp_path, offline_cache):
+    """A dry run on a cached repo id works offline and downloads nothing."""
+    result = run_cli("convert", "org/tiny-llama", tmp_path / "moe", "-e", "4", "--dry-run", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["target"] == "mixtral" and plan["num_experts"] == 4 and not (tmp_path / "moe").exists()

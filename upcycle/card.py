@@ -61,6 +61,8 @@ def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> st
     v = verification
     measured = (f"max |Δlogit| = {v['max_abs_logit_diff']:.3g} at {v['dtype']} over {v['num_prompts']} prompts, "
                 f"mean KL = {v['mean_kl']:.3g}")
+    if v.get("dense_rounded_to") not in (None, v["dtype"]):
+        measured += f" (dense weights rounded to {v['dense_rounded_to']}, as this checkpoint stores them)"
     if v.get("max_new_tokens"):
         measured += (f", greedy continuations identical for {v['greedy_match']:.0%} of prompts over "
                      f"{v['max_new_tokens']} tokens")

@@ -6,45 +6,15 @@ starts fast.
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def _user_errors(func: Callable) -> Callable:
-    """Print user mistakes as one line (no traceback) and exit non-zero; Ctrl-C leaves nothing behind."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .errors import UpcycleError
-
-        try:
-            return func(*args, **kwargs)
-        except UpcycleError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+from .cli_common import _human, _terminate_as_interrupt, _user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -152,12 +122,21 @@ def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype
 @cli.command(name="inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--routing", type=click.Path(), help="Measure expert load on this data (text/JSONL/folder) and draw it.")
+@click.option("--heatmap", type=click.Path(), default="routing_heatmap.png", show_default=True,
+              help="PNG written by --routing (layers x experts).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Sequence length for --routing.")
+@click.option("--max-tokens", type=int, default=65536, show_default=True, help="Tokens of --routing data to use.")
 @_user_errors
-def inspect_cmd(path: str, as_json: bool) -> None:
+def inspect_cmd(path: str, as_json: bool, routing: str | None, heatmap: str, seq_len: int, max_tokens: int) -> None:
     """Describe the MoE checkpoint at PATH: layers, experts, parameters, bytes, recipe."""
     from .inspection import inspect as run_inspect
 
     info = run_inspect(path)
+    if routing:
+        from .cli_train import routing_report
+
+        info["routing"] = routing_report(path, routing, heatmap, seq_len, max_tokens)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -174,6 +153,10 @@ def inspect_cmd(path: str, as_json: bool) -> None:
                    f"{'exact' if info['exact'] else 'not exact'}")
     if info.get("note"):
         click.echo(f"  note: {info['note']}")
+    if routing:
+        r = info["routing"]
+        click.echo(f"  routing on {routing} ({r['tokens']} tokens): load cv {r['cv_mean']:.3f} (max {r['cv_max']:.3f}), "
+                   f"shares {r['min_share_overall']:.3f}..{r['max_share_overall']:.3f}; heatmap: {r['heatmap']}")
 
 
 def main() -> None:
@@ -183,3 +166,6 @@ def main() -> None:
 from .cli_push import push as _push_command  # noqa: E402 - registered after the group is defined
 
 cli.add_command(_push_command)
+
+from .cli_train import train_cmd  # noqa: E402  (its own module; imports only click)
+cli.add_command(train_cmd)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from .cli import _human, _user_errors
+from .cli_common import _human, _user_errors
 
 
 def echo_pushed(result) -> None:

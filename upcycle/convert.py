@@ -105,12 +105,14 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
 def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):
     from .errors import HubError
-    from .hub_push import push
+    from .hub_push import RESUME_HINT, push
 
     try:
         return push(output, repo_id, private=private, token=token, quiet=quiet)
     except HubError as exc:
-        raise HubError(f"converted to {output}, but {exc} (`upcycle push {output} {repo_id}`)") from None
+        reason = str(exc).replace(f"; {RESUME_HINT}", "")
+        raise HubError(f"converted to {output}, but {reason}; to push it (resuming), run "
+                       f"`upcycle push {output} {repo_id}`") from None
 
 
 def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
@@ -162,9 +164,15 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
 
 
 def _free_memory() -> Optional[int]:
-    """Bytes of RAM available now (Linux/macOS), or None when unknown."""
+    """Bytes of RAM available now (Linux ``MemAvailable``, else free pages), or None when unknown."""
     import os
 
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -187,9 +195,21 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[
     if verify is None and free is not None and need > free // 2:
         return {"skipped": f"the MoE needs ~{need / 1e9:.1f} GB of RAM at float32, {free / 1e9:.1f} GB free; "
                            "pass --verify to force it"}
+    import torch
+
     dense = str(src.folder) if src.repo_id else src.spec
-    report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
-    result = {k: v for k, v in report.to_dict().items() if k != "per_prompt"}
+    # One thread: float reductions then run in a fixed order, so the numbers written into the card and
+    # the recipe (and so the files) are the same on every run with the same inputs and seed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    # verify rounds the dense weights to the dtype the output stores them in before comparing
+    result = {k: float(f"{v:.3g}") if isinstance(v, float) else v
+              for k, v in report.to_dict().items() if k != "per_prompt"}
+    result["dense_rounded_to"] = summary["dtype"]
     if not report.passed:
         raise VerificationError(f"the converted MoE claims exactness but its logits differ from the dense model by "
                                 f"{report.max_abs_logit_diff:.3g} (> {report.atol:g}); nothing was written. "

@@ -43,3 +43,7 @@ class IncompleteOutputError(UpcycleError):
 
 class HubError(UpcycleError):
     """Talking to the Hugging Face Hub failed: no token, bad repo id, network or server error."""
+
+
+class DataError(UpcycleError):
+    """Training or routing data is missing, empty or malformed."""

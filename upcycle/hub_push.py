@@ -25,6 +25,7 @@ from .errors import HubError, IncompleteOutputError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_LARGE_THRESHOLD = "5GB"
+HIDDEN = [".*", "*/.*"]  # temp files, editor and OS droppings, upload_large_folder's own .cache
 RESUME_HINT = "run the same command again to resume: files already on the Hub are not sent again"
 
 
@@ -169,8 +170,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
-    """One line saying what went wrong with the Hub, from the first meaningful error in the chain."""
+def _explain(exc: BaseException, repo_id: str, endpoint: str) -> tuple[str, bool]:
+    """What went wrong with the Hub (from the first meaningful error in the chain), and whether
+    running again can help (network and server errors) or something must be fixed first."""
     from huggingface_hub.errors import (
         HfHubHTTPError,
         OfflineModeIsEnabled,
@@ -184,22 +186,22 @@ def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
         seen = seen.__cause__ or seen.__context__
     for err in chain:
         if isinstance(err, OfflineModeIsEnabled):
-            return "HF_HUB_OFFLINE=1 is set: unset it to push to the Hub"
+            return "HF_HUB_OFFLINE=1 is set: unset it to push to the Hub", False
         if isinstance(err, RevisionNotFoundError):
-            return f"{repo_id}: revision not found on the Hub"
+            return f"{repo_id}: revision not found on the Hub", False
         if isinstance(err, RepositoryNotFoundError):
-            return f"{repo_id}: repository not found, or the token may not write to it"
+            return f"{repo_id}: repository not found, or the token may not write to it", False
         if isinstance(err, HfHubHTTPError) and err.response is not None:
             status = err.response.status_code
             if status == 401:
-                return f"the Hub at {endpoint} rejected the token (HTTP 401): check HF_TOKEN or run `hf auth login`"
+                return f"the Hub at {endpoint} rejected the token (HTTP 401): check HF_TOKEN or run `hf auth login`", False
             if status == 403:
-                return f"the token may not write to {repo_id} (HTTP 403): use a write token for that namespace"
+                return f"the token may not write to {repo_id} (HTTP 403): use a write token for that namespace", False
             detail = (err.server_message or "").strip().splitlines()
-            return f"the Hub at {endpoint} answered HTTP {status}{': ' + detail[0] if detail else ''}"
+            return f"the Hub at {endpoint} answered HTTP {status}{': ' + detail[0] if detail else ''}", status >= 500
         if isinstance(err, _transport_errors()):
-            return f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err or 'connection failed'})"
-    return f"{type(exc).__name__}: {exc}"
+            return f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err or 'connection failed'})", True
+    return f"{type(exc).__name__}: {exc}", True
 
 
 def _fill_card(folder: Path, repo_id: str) -> None:
@@ -251,7 +253,7 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, revision: Opt
     if quiet:
         disable_progress_bars()
     try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
         repo_id = repo_url.repo_id
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -259,19 +261,20 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, revision: Opt
         size = sum((folder / f).stat().st_size for f in files)
         if size > limit and not create_pr and hasattr(api, "upload_large_folder"):  # huggingface_hub 1.x
             api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                    private=private)
+                                    private=private, ignore_patterns=HIDDEN)
             commit_url, pr_url, landed = None, None, branch
         else:
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                     revision=revision, create_pr=create_pr)
+                                     revision=revision, create_pr=create_pr, ignore_patterns=HIDDEN)
             commit_url, pr_url = info.commit_url, info.pr_url
             landed = info.pr_revision or branch
         remote = _remote_sizes(api, repo_id, landed)
     except (HubError, IncompleteOutputError):
         raise
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
-        raise HubError(f"push to {repo_id} did not complete: {_explain(exc, repo_id, endpoint)}; "
-                       f"{RESUME_HINT}") from None
+        reason, transient = _explain(exc, repo_id, endpoint)
+        raise HubError(f"push to {repo_id} did not complete: {reason}" + (f"; {RESUME_HINT}" if transient else ""))\
+            from None
     finally:
         if quiet:
             enable_progress_bars()

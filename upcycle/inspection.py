@@ -14,6 +14,14 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _EXPERT_SIZE_KEYS = ("moe_intermediate_size", "intermediate_size")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # mixtral/qwen, ernie4_5_moe, hunyuan_v1_moe
+
+
+def _top_k(config: dict[str, Any]) -> Any:
+    value = next((config[k] for k in _TOP_K_KEYS if config.get(k)), None)
+    if isinstance(value, list) and len(set(value)) == 1:  # per-layer list with one value
+        value = value[0]
+    return value
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -24,6 +32,15 @@ def _weight_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     raise SourceNotFoundError(f"{folder}: no model.safetensors or index; inspect reads safetensors checkpoints")
+
+
+def _packed_pattern() -> re.Pattern[str]:
+    """Packed-expert tensors of every registered target (e.g. GraniteMoE's ``input_linear [E, 2F, H]``)."""
+    from .targets import all_targets
+
+    templates = [t for target in all_targets().values() for t in (target.packed_experts or {})]
+    alternatives = [re.escape(t).replace(re.escape("{i}"), r"\d+") for t in templates]
+    return re.compile("|".join(alternatives) or "(?!)")
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -42,15 +59,15 @@ def inspect(path: str | Path) -> dict[str, Any]:
     recipe_path = folder / "upcycle_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
     num_experts = next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None)
-    top_k = config.get("num_experts_per_tok")
+    top_k = _top_k(config)
 
-    total, routed = 0, {}
+    total, routed, packed = 0, {}, _packed_pattern()
     for file in _weight_files(folder):
         for name, info in read_header(file)[0].items():
             n = numel(info.shape)
             total += n
             layer = _LAYER.search(name)
-            if layer and (_EXPERT.search(name) or _FUSED.search(name)):
+            if layer and (_EXPERT.search(name) or _FUSED.search(name) or packed.fullmatch(name)):
                 routed[int(layer.group(1))] = routed.get(int(layer.group(1)), 0) + n
     active = total
     if num_experts and top_k:

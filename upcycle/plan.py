@@ -16,6 +16,8 @@ from .recipe import Recipe
 from .routers import RouterContext, get_router_init
 from .targets import MoeTarget, choose_target
 
+#: buffers that old checkpoints saved and current transformers recomputes (never written to the output)
+STALE_BUFFERS = ("rotary_emb.inv_freq",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -258,7 +260,7 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
     emitted: set[int] = set()
     emitted_fused: set[str] = set()
     for key, info in infos.items():
-        if tied and key == "lm_head.weight":
+        if (tied and key == "lm_head.weight") or key.endswith(STALE_BUFFERS):
             continue
         role = family.mlp_role(key)
         if role is not None and role[0] in plan.layers:

@@ -29,9 +29,9 @@ def parse_size(value: int | str) -> int:
         try:
             size = int(float(number) * _SIZE_UNITS[unit])
         except ValueError:
-            raise RecipeError(f"max_shard_size: cannot read {value!r}; use a size such as 5GB or 500MB") from None
+            raise RecipeError(f"--max-shard-size: cannot read {value!r}; use a size such as 5GB or 500MB") from None
     if size <= 0:
-        raise RecipeError(f"max_shard_size must be positive, got {value!r}")
+        raise RecipeError(f"--max-shard-size must be positive, got {value!r}")
     return size
 
 

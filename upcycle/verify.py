@@ -62,7 +62,11 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _load_tokenizer(moe_path: Path, dense_src):
-    """The MoE's tokenizer, else the dense model's, else None."""
+    """The MoE's tokenizer, else the dense model's, else None.
+
+    transformers 5 builds an empty tokenizer for a folder without tokenizer files; one that turns
+    text into no ids is treated as missing.
+    """
     from transformers import AutoTokenizer
 
     for kwargs in ({"pretrained_model_name_or_path": str(moe_path)}, dense_src.pretrained_kwargs()):
@@ -70,7 +74,7 @@ def _load_tokenizer(moe_path: Path, dense_src):
             tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         except Exception:  # noqa: BLE001 - a folder without a usable tokenizer
             continue
-        if tokenizer(DEFAULT_PROMPTS[0]).input_ids:  # transformers 5 builds empty Qwen tokenizers from config alone
+        if tokenizer(DEFAULT_PROMPTS[0], add_special_tokens=False).input_ids:
             return tokenizer
     return None
 
@@ -126,6 +130,16 @@ def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weight
     return logits, generations
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any model is loaded."""
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError) as exc:
+        raise RecipeError(f"--device {device!r} cannot be used: {str(exc).splitlines()[0]}") from None
+
+
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
            dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
            quiet: bool = False) -> VerifyReport:
@@ -136,7 +150,6 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     """
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .io import open_source
@@ -147,6 +160,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise RecipeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    _check_device(device)
     moe_path = Path(moe)
     if not (moe_path / "config.json").is_file():
         raise SourceNotFoundError(f"{moe}: not a model folder (no config.json)")
@@ -155,6 +169,9 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     if tokenizer is not None:
         prompts = list(prompts or DEFAULT_PROMPTS)
         encoded = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+        empty = [p for p, ids in zip(prompts, encoded) if ids.numel() == 0]
+        if empty:
+            raise RecipeError(f"prompt {empty[0]!r} gives no tokens; give prompts with text")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     elif prompts:
         raise SourceNotFoundError(f"--prompts needs a tokenizer, and neither {moe} nor {dense} has one")

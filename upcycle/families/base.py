@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from ..io.safetensors_format import TensorInfo
 
 PROJECTIONS = ("gate", "up", "down")
@@ -22,7 +24,7 @@ class SourceView:
     start: int
     stop: int
 
-    def read(self, fused: "Any") -> "Any":
+    def read(self, fused: "torch.Tensor") -> "torch.Tensor":
         return fused.narrow(0, self.start, self.stop - self.start).contiguous()
 
 

@@ -57,7 +57,7 @@ def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str], quiet:
         raise SourceNotFoundError(f"Hub repo {repo_id} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise SourceNotFoundError(
-            f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
+            f"{repo_id}{'@' + revision if revision else ''}: not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1); download it once online, or pass a local folder") from None
     except OSError as exc:
         raise SourceNotFoundError(f"{repo_id}: download failed ({exc})") from None
@@ -104,14 +104,15 @@ def open_headers(repo_id: str, revision: Optional[str] = None, quiet: bool = Fal
 
     Offline, or for repos without safetensors, it falls back to the cached (or downloaded) checkpoint.
     """
-    from huggingface_hub import constants, get_safetensors_metadata
+    from huggingface_hub import HfApi, constants
 
     from .folder import open_folder
 
     folder = _snapshot(repo_id, revision, META_FILES, quiet)
     if not constants.HF_HUB_OFFLINE:
         try:
-            meta = get_safetensors_metadata(repo_id, revision=revision)
+            # a fresh HfApi: the module-level get_safetensors_metadata keeps the endpoint of import time
+            meta = HfApi().get_safetensors_metadata(repo_id, revision=revision)
         except Exception:  # noqa: BLE001 - no safetensors or no network: use the full path below
             meta = None
         if meta is not None:

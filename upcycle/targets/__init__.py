@@ -9,10 +9,10 @@ from ..errors import UnsupportedArchitectureError
 from ..families import DenseFamily
 from .base import MoeTarget
 
-__all__ = ["FALLBACK_TARGET", "MoeTarget", "all_targets", "choose_target"]
+__all__ = ["FALLBACK_TARGET", "MoeTarget", "all_targets", "auto_candidates", "choose_target"]
 
-#: what ``--target auto`` picks when the family's native target is not exact for this model: the bundled
-#: model, used automatically as soon as a target module of this name is registered and takes the family
+#: the last target ``--target auto`` tries (after the native ones): the bundled model, used automatically
+#: as soon as a target module of this name is registered (``native=False``) and takes the family
 FALLBACK_TARGET = "upcycle"
 
 
@@ -33,17 +33,26 @@ def native_reason(family: DenseFamily, config: dict[str, Any]) -> Optional[str]:
     return all_targets()[family.native_target].explain(family.name, config)
 
 
+def auto_candidates(family: DenseFamily) -> list[MoeTarget]:
+    """What ``--target auto`` tries, in order: the family's native target, the other native targets that
+    take the family (e.g. dots1 for qwen3 with mixed sliding layers), then the bundled model."""
+    targets = all_targets()
+    native = [targets[family.native_target]] if family.native_target else []
+    others = [t for name, t in sorted(targets.items())
+              if t.native and family.name in t.families and name != family.native_target]
+    bundled = [targets[FALLBACK_TARGET]] if FALLBACK_TARGET in targets else []
+    return native + others + bundled
+
+
 def choose_target(requested: str, family: DenseFamily, config: dict[str, Any]) -> MoeTarget:
     """Resolve ``--target`` (``auto`` or a name) for a dense model; refuse with the reason if inexact."""
     targets = all_targets()
     if requested == "auto":
-        reason = native_reason(family, config)
-        if reason is None:
-            return targets[family.native_target]
-        fallback = targets.get(FALLBACK_TARGET)
-        if fallback is not None and fallback.explain(family.name, config) is None:
-            return fallback
-        raise UnsupportedArchitectureError(f"no exact target for this {family.name} model: {reason}")
+        for target in auto_candidates(family):
+            if target.explain(family.name, config) is None:
+                return target
+        raise UnsupportedArchitectureError(
+            f"no exact target for this {family.name} model: {native_reason(family, config)}")
     if requested not in targets:
         raise UnsupportedArchitectureError(
             f"unknown target {requested!r}; available: auto, {', '.join(sorted(targets))}")

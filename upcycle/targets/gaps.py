@@ -16,12 +16,6 @@ class Gap:
 
 
 GAPS = (
-    Gap("granite", "granitemoeshared",
-        "its shared MLP needs the shared-expert split (`--shared-experts`); until then granite converts to "
-        "granitemoe, which is exact without one"),
-    Gap("qwen3", "dots1",
-        "dots1 is qwen3 attention with DeepSeek-style shared experts; it is only worth writing when shared "
-        "experts are asked for (`--shared-experts`), otherwise qwen3_moe is exact"),
     Gap("gemma, gemma2, gemma3, gpt2, gpt_neox, phi, stablelm, starcoder2, olmo, glm4, exaone4", "none",
         "no transformers MoE architecture has their decoder (norms, activations, biases or attention); "
         "they need the bundled upcycle model"),

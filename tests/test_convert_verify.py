@@ -1,0 +1,61 @@
+"""Conversion-time verification: measured, recorded in upcycle_recipe.json and the card, skipped when
+the MoE would not fit in memory, and fatal (nothing written) when an exact recipe fails it."""
+
+import importlib
+
+import pytest
+from click.testing import CliRunner
+from factories import make_dense, read_json
+
+from upcycle.cli import cli
+from upcycle.errors import VerificationError
+
+# the modules, not the API functions of the same name that ``upcycle.convert``/``upcycle.verify`` are
+convert_module = importlib.import_module("upcycle.convert")
+verify_module = importlib.import_module("upcycle.verify")
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return make_dense("mistral", tmp_path_factory.mktemp("verify") / "dense")
+
+
+def test_conversion_records_the_measured_verification(dense, tmp_path):
+    result = CliRunner().invoke(cli, ["convert", str(dense), str(tmp_path / "moe"), "-e", "4", "-k", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    measured = read_json(tmp_path / "moe" / "upcycle_recipe.json")["upcycle"]["verification"]
+    assert measured["exact_expected"] and measured["passed"] and measured["max_abs_logit_diff"] <= 1e-4
+    assert measured["num_prompts"] >= 1 and measured["dtype"] == "float32"
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert f"max |Δlogit| = {measured['max_abs_logit_diff']:.3g}" in card
+    assert "verification: exact, checked at conversion time" in result.output
+
+
+def test_conversion_verification_is_skipped_when_it_would_not_fit(dense, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_module, "_free_memory", lambda: 1000)
+    result = convert_module.convert(dense, tmp_path / "auto", num_experts=4, top_k=2, quiet=True)
+    assert "RAM" in result.verification["skipped"]
+    assert "not run at conversion time" in (tmp_path / "auto" / "README.md").read_text()
+    forced = convert_module.convert(dense, tmp_path / "forced", num_experts=4, top_k=2, quiet=True, verify=True)
+    assert forced.verification["passed"]
+
+
+def test_conversion_writes_nothing_when_an_exact_recipe_fails_verification(dense, tmp_path, monkeypatch):
+    real = verify_module.verify
+
+    def broken(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report.max_abs_logit_diff, report.passed = 0.5, False
+        return report
+
+    monkeypatch.setattr(verify_module, "verify", broken)
+    with pytest.raises(VerificationError, match="nothing was written"):
+        convert_module.convert(dense, tmp_path / "moe", num_experts=4, top_k=2, quiet=True)
+    assert not (tmp_path / "moe").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_conversion_verification_compares_against_the_dense_weights_in_the_output_dtype(dense, tmp_path):
+    result = convert_module.convert(dense, tmp_path / "bf16", num_experts=4, top_k=2, dtype="bfloat16", quiet=True)
+    v = result.verification
+    assert v["dense_rounded_to"] == "bfloat16" and v["passed"] and v["max_abs_logit_diff"] <= 1e-4
+    assert "rounded to bfloat16" in (tmp_path / "bf16" / "README.md").read_text()

@@ -1,0 +1,66 @@
+"""dots.llm1 (dots1): Qwen3 attention with DeepSeek-style MoE: sigmoid router, ``e_score_correction_bias``
+(written zero), group-limited top-k (one group here), ``norm_topk_prob=true`` and
+``routed_scaling_factor=1`` (so the top-k weights sum to one), plus always-on shared experts.
+
+The shared experts are filled as :mod:`._shared_mlp` explains (the method's shared slice, else half/half
+with full-width experts). With narrower experts they are one expert wide with a zero down projection.
+``--target auto`` keeps qwen3 on qwen3_moe; ask for this one explicitly.
+"""
+
+from __future__ import annotations
+
+from . import _shared_mlp
+from .base import MoeTarget
+
+LAYOUT = {f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight": (p,) for p in ("gate", "up", "down")}
+
+
+def _num_shared(plan) -> int:
+    """``n_shared_experts``: the shared MLP's width in expert widths."""
+    from ..errors import RecipeError
+
+    width = _shared_mlp.width(plan) or plan.expert_size
+    if width % plan.expert_size:
+        raise RecipeError(f"dots1's shared experts are a multiple of the expert width ({plan.expert_size}); "
+                          f"the shared slice has {width} neurons")
+    return width // plan.expert_size
+
+
+def _moe_config(plan):
+    return {
+        "n_routed_experts": plan.recipe.num_experts,
+        "num_experts_per_tok": plan.recipe.top_k,
+        "moe_intermediate_size": plan.expert_size,
+        "intermediate_size": plan.dense_size,
+        "n_shared_experts": _num_shared(plan),
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 0,
+        "output_router_logits": False,
+    }
+
+
+def _extra(plan, layer):
+    from ..plan import zeros_tensor
+
+    bias = zeros_tensor(f"model.layers.{layer}.mlp.gate.e_score_correction_bias", (plan.recipe.num_experts,), plan)
+    return [bias, *_shared_mlp.expert_wide_tensors(plan, layer, LAYOUT)]
+
+
+TARGET = MoeTarget(
+    name="dots1",
+    model_type="dots1",
+    config_class="Dots1Config",
+    families=("qwen3",),
+    router_key="model.layers.{i}.mlp.gate.weight",
+    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
+    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    moe_config=_moe_config,
+    adjust=_shared_mlp.halve_full_width,
+    extra_layer_tensors=_extra,
+    copy_keys=("head_dim",),
+    description="Dots1ForCausalLM with norm_topk_prob=true, routed_scaling_factor=1, one routing group; the "
+                "shared experts get half of the dense FFN and every routed expert the other half",
+)

@@ -1,0 +1,79 @@
+"""Measure which experts a model routes tokens to on some data, and draw it as a layers x experts heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import SourceNotFoundError
+
+
+def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512, max_tokens: int = 65536,
+                    batch_size: int = 4, device: str = "cpu") -> dict[str, Any]:
+    """Expert-load statistics (see :func:`upcycle.train.monitor.load_stats`) of ``model_path`` on ``data``.
+
+    The data is read like training data (text, JSONL, folder), packed into ``seq_len`` blocks and cut at
+    ``max_tokens``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .data import PackedDataset, tokenise, vocab_check
+    from .moe_model import moe_shape, router_layers, text_attr
+    from .monitor import assignment_counts, load_stats
+    from .run import _load_tokenizer, eos_id
+    from .trainer import router_logits_of
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(model_path)
+    num_experts, top_k = moe_shape(config, str(model_path))
+    tokenizer = _load_tokenizer(model_path)
+    stream = tokenise(data, tokenizer, eos_id(tokenizer, config))[:max_tokens]
+    seq_len = min(seq_len, len(stream), text_attr(config, "max_position_embeddings") or seq_len)
+    dataset = PackedDataset(stream, seq_len, str(data))
+    vocab_check(dataset, text_attr(config, "vocab_size"), str(data))
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    counts = None
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            ids = dataset.blocks[start:start + batch_size].to(device)
+            outputs = model(input_ids=ids, output_router_logits=True, use_cache=False)
+            batch = assignment_counts(router_logits_of(outputs), top_k)
+            counts = batch if counts is None else counts + batch
+    stats = load_stats(counts, router_layers(model, num_experts), top_k)
+    stats.update(model=str(model_path), data=str(data), top_k=top_k)
+    return stats
+
+
+def plot_routing_heatmap(stats: dict[str, Any], path: str | Path, title: Optional[str] = None) -> Path:
+    """Write a PNG heatmap of each layer's expert shares (rows: layers, columns: experts)."""
+    try:
+        import matplotlib
+    except ImportError:
+        from ..errors import RecipeError
+
+        raise RecipeError("the routing heatmap needs matplotlib: pip install 'upcycle[train]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shares = np.asarray(stats["share"], dtype=float)
+    layers, experts = shares.shape
+    uniform = 1.0 / experts
+    fig, ax = plt.subplots(figsize=(min(5 + 0.45 * experts, 20), min(2 + 0.35 * layers, 24)), dpi=100)
+    image = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0.0, vmax=max(float(shares.max()), 2 * uniform))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer (cv of the load)")
+    ax.set_xticks(range(experts))
+    ax.set_yticks(range(layers), [f"{layer} ({cv:.2f})" for layer, cv in zip(stats["layers"], stats["cv"])])
+    fig.colorbar(image, ax=ax, label=f"share of assignments (uniform {uniform:.3f})")
+    ax.set_title(title or f"expert load over {stats['tokens']} tokens, mean cv {stats['cv_mean']:.3f}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
