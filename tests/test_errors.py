@@ -86,9 +86,9 @@ def test_unsupported_model_type_lists_supported(tmp_path):
     (["--method", "magic"], ["--method", "'magic'", "replicate"]),
     (["--router-init", "psychic"], ["--router-init", "'psychic'", "normal", "zeros"]),
     (["--router-std", "-1"], ["--router-std"]),
-    (["--max-shard-size", "lots"], ["max_shard_size", "'lots'", "5GB"]),
-    (["--max-shard-size", "0"], ["max_shard_size", "positive"]),
-    (["--max-shard-size", "-2GB"], ["max_shard_size"]),
+    (["--max-shard-size", "lots"], ["--max-shard-size", "'lots'", "5GB"]),
+    (["--max-shard-size", "0"], ["--max-shard-size", "positive"]),
+    (["--max-shard-size", "-2GB"], ["--max-shard-size"]),
     (["--target", "gpt_oss"], ["unknown target 'gpt_oss'", "mixtral"]),
 ])
 def test_bad_recipe_values(tmp_path, llama, args, fragments):

@@ -28,15 +28,25 @@ def cli() -> None:
 @click.argument("output", type=click.Path())
 @click.option("--num-experts", "-e", type=int, help="Experts per MoE layer.  [default: 8]")
 @click.option("--top-k", "-k", type=int, help="Experts chosen per token.  [default: 2]")
-@click.option("--method", help="Expert construction (replicate).  [default: replicate]")
+@click.option("--method", help="Expert construction: replicate, split or drop.  [default: replicate]")
 @click.option("--target", help="Output architecture: auto picks the exact native one.  [default: auto]")
-@click.option("--router-init", help="Router initialisation: normal or zeros.  [default: normal]")
+@click.option("--router-init", help="Router init: normal, zeros, virtual-group, kmeans or centroid.  "
+              "[default: normal]")
 @click.option("--router-std", type=float, help="Std of the normal router init.  [default: 0.02]")
 @click.option("--seed", type=int, help="Seed: same inputs and seed give byte-identical files.  [default: 0]")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="Output dtype; auto keeps the source's (GGUF: float32).  [default: auto]")
 @click.option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.  [default: 5GB]")
 @click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
+@click.option("--granularity", "-g", type=int, help="split: FFN segments per dense FFN (divides its width).  [default: 1]")
+@click.option("--split-strategy", help="split: contiguous, random, kmeans or activation.  [default: contiguous]")
+@click.option("--shared-experts", type=int, help="split: segments made an always-on shared expert.  [default: 0]")
+@click.option("--allow-inexact", is_flag=True, default=None, help="Accept a top-k or router that breaks exactness.")
+@click.option("--drop-ratio", type=float, help="drop: fraction of neurons re-initialised per expert.  [default: 0.5]")
+@click.option("--noise-std", type=float, help="Gaussian noise std added to every expert (not exact).  [default: 0]")
+@click.option("--layers", help="MoE layers: all, every:N, 0,2,5 or 4-11.  [default: all]")
+@click.option("--calibration", help="Text, JSONL ('text') or folder for kmeans router / activation split.")
+@click.option("--calibration-tokens", type=int, help="Most calibration tokens to read.  [default: 16384]")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe file (YAML/JSON); flags override it.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan without writing anything.")
@@ -68,7 +78,8 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
     click.echo(f"{head}: {s['family']} -> {s['architecture']} ({s['target']}), method {s['method']}, "
                f"{'exact' if s['exact'] else 'not exact'}")
     click.echo(f"  layers: {len(s['moe_layers'])}/{s['num_layers']} MoE; experts: {s['num_experts']} x "
-               f"{s['expert_size']} (dense FFN {s['dense_ffn_size']}), top-{s['top_k']}")
+               f"{s['expert_size']} (dense FFN {s['dense_ffn_size']}), top-{s['top_k']}"
+               + (f", shared expert {s['shared_expert_size']}" if s.get("shared_expert_size") else ""))
     click.echo(f"  parameters: {_human(s['total_params'])} total, {_human(s['active_params'])} active per token")
     click.echo(f"  output: {_human(s['output_bytes'], 'B')} in {s['shards']} shard(s), dtype {s['dtype']}")
     if result.verification:

@@ -89,9 +89,12 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
         check_output(output, force, src.folder)
     config = src.load_config()
     plan = make_plan(config, src.infos, recipe)
+    calibration_ids = _calibration_ids(src, recipe)
     summary = plan.summary()
     if dry_run:
         return ConversionResult(None, summary, recipe, [], dry_run=True)
+    if _needs_layer_data(recipe):
+        plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet))
 
     with atomic_folder(output, force) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
@@ -113,6 +116,60 @@ def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet
         reason = str(exc).replace(f"; {RESUME_HINT}", "")
         raise HubError(f"converted to {output}, but {reason}; to push it (resuming), run "
                        f"`upcycle push {output} {repo_id}`") from None
+
+
+def _calibration_ids(src, recipe: Recipe):
+    """Tokenized ``--calibration`` text when the recipe needs it (checked in dry runs too), else None."""
+    from .calibration import load_tokenizer, tokenize_calibration
+    from .method_checks import needs_calibration
+
+    if not needs_calibration(recipe):
+        return None
+    return tokenize_calibration(recipe.calibration, load_tokenizer(src), recipe.calibration_tokens,
+                                recipe.num_experts)
+
+
+def _needs_layer_data(recipe: Recipe) -> bool:
+    from .method_checks import needs_calibration
+    from .partitions import get_partition
+
+    return bool(needs_calibration(recipe)) or (recipe.method == "split"
+                                               and get_partition(recipe.split_strategy).needs_data)
+
+
+def _needs_activations(recipe: Recipe) -> bool:
+    from .partitions import get_partition
+
+    return recipe.method == "split" and get_partition(recipe.split_strategy).needs_calibration
+
+
+def _layer_data(src, plan, calibration_ids, quiet: bool):
+    """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
+    import torch
+
+    from .calibration import collect_statistics
+    from .layer_data import LayerData
+    from .plan import SourceCache
+    from .routers import get_router_init
+
+    stats = None
+    if calibration_ids is not None:
+        stats = collect_statistics(src, plan, calibration_ids, quiet=quiet,
+                                   want_hidden=get_router_init(plan.recipe.router_init).needs_calibration,
+                                   want_activations=_needs_activations(plan.recipe))
+
+    cache = SourceCache(src.read, views=plan.source_views)
+
+    def data(layer: int) -> LayerData:
+        def weight(proj: str) -> torch.Tensor:
+            return cache.get(plan.family.mlp_key(layer, proj), torch.float32)
+
+        if stats is None:
+            return LayerData(weight)
+        sketch, energy = stats.activations(layer)
+        return LayerData(weight, sketch, energy, stats.hidden_centroids(layer))
+
+    return data
 
 
 def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:

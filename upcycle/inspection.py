@@ -92,8 +92,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "exact": provenance.get("exact"),
         "recipe": {k: v for k, v in recipe.items() if k != "upcycle"} if recipe else None,
     }
-    if recipe and recipe.get("method") == "replicate":
-        report["note"] = ("experts are identical copies: the language-model loss gives the router no gradient "
-                          "at first; fine-tune with a load-balancing loss (or use noise / drop methods) to "
-                          "let experts specialise")
+    if recipe and recipe.get("method") in ("replicate", "split") and not recipe.get("noise_std"):
+        report["note"] = ("experts are identical copies (split: copies of the same FFN shards): the language-model "
+                          "loss gives the router no gradient at first; fine-tune with a load-balancing loss (or use "
+                          "--noise-std, --method drop, or a kmeans router) to let experts specialise")
     return report

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import CorruptCheckpointError, RecipeError
+from .errors import CorruptCheckpointError, RecipeError, UnsupportedArchitectureError
 from .experts import ExpertSlice, LayerExperts, MethodContext, get_method
+from .experts.noise import add_noise
 from .families import PROJECTIONS, DenseFamily, family_for_model_type
 from .families.base import SourceView
 from .io.safetensors_format import TensorInfo, TensorSpec
+from .layer_data import LayerData
+from .layers import select_layers
 from .recipe import Recipe
 from .routers import RouterContext, get_router_init
 from .targets import MoeTarget, choose_target
@@ -94,8 +98,11 @@ class ConversionPlan:
 
     @property
     def exact(self) -> bool:
-        method_exact = get_method(self.recipe.method).exact
-        return method_exact and self.target.renormalises_top_k and all(l.exact for l in self.layers.values())
+        method_exact = get_method(self.recipe.method).exact and not self.recipe.noise_std
+        router_exact = not get_router_init(self.recipe.router_init).per_expert or all(
+            len(set(l.groups)) == len(l.groups) for l in self.layers.values())
+        return (method_exact and router_exact and self.target.renormalises_top_k
+                and all(l.exact for l in self.layers.values()))
 
     @property
     def total_params(self) -> int:
@@ -129,6 +136,7 @@ class ConversionPlan:
             "top_k": self.recipe.top_k,
             "dense_ffn_size": self.dense_size,
             "expert_size": self.expert_size,
+            "shared_expert_size": self.shared_size,
             "dtype": self.dtype_name,
             "total_params": self.total_params,
             "active_params": self.active_params,
@@ -161,11 +169,13 @@ def _output_dtype(recipe: Recipe, infos: dict[str, TensorInfo]) -> str:
 
 def _expert_maker(key: str, proj: str, sl: ExpertSlice, dtype: torch.dtype) -> Callable[[SourceCache], torch.Tensor]:
     def make(cache: SourceCache) -> torch.Tensor:
-        if sl.neurons is None and sl.down_scale == 1.0:
+        if sl.is_copy:
             return cache.get(key, dtype)
-        tensor = cache.get(key, torch.float32)
-        if sl.neurons is not None:
-            tensor = tensor.index_select(1 if proj == "down" else 0, sl.neurons)
+        dense = cache.get(key, torch.float32)
+        dim = 1 if proj == "down" else 0
+        tensor = dense if sl.neurons is None else dense.index_select(dim, sl.neurons)
+        if sl.reinit is not None or sl.noise_std:
+            tensor = _redraw(tensor, dense, dim, sl, PROJECTIONS.index(proj))
         if proj == "down" and sl.down_scale != 1.0:
             tensor = tensor * sl.down_scale
         return tensor.to(dtype).contiguous()
@@ -173,25 +183,57 @@ def _expert_maker(key: str, proj: str, sl: ExpertSlice, dtype: torch.dtype) -> C
     return make
 
 
+def _redraw(tensor: torch.Tensor, dense: torch.Tensor, dim: int, sl: ExpertSlice, stream: int) -> torch.Tensor:
+    """Drop-Upcycling re-initialisation (from the dense matrix's mean/std) and Gaussian noise."""
+    gen = torch.Generator().manual_seed((sl.seed + stream) % 2**63)
+    tensor = tensor.clone()
+    if sl.reinit is not None and sl.reinit.numel():
+        shape = list(tensor.shape)
+        shape[dim] = sl.reinit.numel()
+        fresh = torch.randn(shape, generator=gen) * dense.std() + dense.mean()
+        tensor.index_copy_(dim, sl.reinit, fresh)
+    if sl.noise_std:
+        tensor += torch.randn(tensor.shape, generator=gen) * sl.noise_std
+    return tensor
+
+
+def slice_tensor(plan: "ConversionPlan", name: str, layer: int, proj: str, sl: ExpertSlice) -> OutTensor:
+    """An output tensor holding expert slice ``sl`` of the dense ``proj`` matrix of ``layer``."""
+    width = sl.width(plan.dense_size)
+    shape = (plan.hidden_size, width) if proj == "down" else (width, plan.hidden_size)
+    dtype = DTYPES[plan.dtype_name]
+    return OutTensor(TensorSpec(name, shape, dtype), plan.family.mlp_key(layer, proj),
+                     _expert_maker(plan.family.mlp_key(layer, proj), proj, sl, dtype))
+
+
 def _expert_shape(info: TensorInfo, proj: str, width: int) -> tuple[int, ...]:
     rows, cols = info.shape
     return (rows, width) if proj == "down" else (width, cols)
 
 
-def router_tensor(plan: ConversionPlan, layer: int, name: str, dtype: torch.dtype) -> OutTensor:
-    """The router weight [num_experts, hidden] of ``layer``, from the recipe's router init."""
+def _router_maker(plan: ConversionPlan, layer: int, data: Optional[LayerData], dtype: torch.dtype):
+    """The router init, given the layer's statistics and its dense matrices read through the cache."""
     experts = plan.layers[layer]
     init = get_router_init(plan.recipe.router_init)
     ctx = RouterContext(layer, plan.hidden_size, experts.groups, _layer_generator(plan.recipe.seed, layer, 1),
-                        plan.recipe.router_std)
-    return OutTensor(TensorSpec(name, (len(experts.experts), plan.hidden_size), dtype), None,
-                     lambda cache: init.build(ctx).to(dtype))
+                        plan.recipe.router_std, experts=experts)
+
+    def make(cache: SourceCache) -> torch.Tensor:
+        def weight(proj: str) -> torch.Tensor:
+            return plan.family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj)
+
+        layer_data = dataclasses.replace(data, weight=weight) if data is not None else LayerData(weight)
+        return init.build(dataclasses.replace(ctx, data=layer_data)).to(dtype)
+
+    return make
 
 
-def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype) -> list[OutTensor]:
+def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype,
+               data: Optional[LayerData] = None) -> list[OutTensor]:
     """Router, routed experts (projection by projection, so each dense matrix is read once) and extras."""
     target, family, experts = plan.target, plan.family, plan.layers[layer]
-    out = [router_tensor(plan, layer, target.router_tensor_name(layer), dtype)]
+    out = [OutTensor(TensorSpec(target.router_tensor_name(layer), (len(experts.experts), plan.hidden_size), dtype),
+                     None, _router_maker(plan, layer, data, dtype))]
     if target.packed_experts:
         out.extend(_packed_experts(plan, layer, infos, dtype))
     else:
@@ -235,8 +277,26 @@ def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> No
                                   f"target {plan.target.name}")
 
 
-def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> ConversionPlan:
-    """Resolve family, target, experts and every output tensor. Reads no tensor data."""
+def _check_layout(plan: ConversionPlan) -> None:
+    """Refuse layer subsets and shared experts that the target cannot express, with the reason."""
+    recipe, target = plan.recipe, plan.target
+    if len(plan.moe_layers) != plan.num_layers and not target.supports_layer_subset:
+        raise UnsupportedArchitectureError(
+            f"--layers {recipe.layers}: target {target.name} puts an MoE block in every layer and has no dense "
+            "layers (no mlp_only_layers); use --layers all, or a family with a qwen2_moe/qwen3_moe target")
+    if recipe.shared_experts and target.shared_expert_scale is None:
+        raise UnsupportedArchitectureError(
+            f"--shared-experts: target {target.name} does not take carved-out shared experts (mixtral and "
+            "qwen3_moe have no shared expert; qwen2_moe has one); use --shared-experts 0")
+
+
+def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
+              data: Optional[Callable[[int], LayerData]] = None) -> ConversionPlan:
+    """Resolve family, target, experts and every output tensor.
+
+    Without ``data`` nothing but shapes is read (data-aware partitions take their shapes from the
+    contiguous layout); with it, ``data(layer)`` gives the dense matrices and calibration statistics.
+    """
     recipe.validate()
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     family = family_for_model_type(cfg.get("model_type", ""))
@@ -247,13 +307,19 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
     num_layers = family.num_layers(cfg)
     plan = ConversionPlan(recipe=recipe, family=family, target=target, dense_config=cfg,
                           hidden_size=family.hidden_size(cfg), dense_size=family.intermediate_size(cfg),
-                          num_layers=num_layers, moe_layers=list(range(num_layers)), layers={},
+                          num_layers=num_layers, moe_layers=select_layers(recipe.layers, num_layers), layers={},
                           dtype_name=_output_dtype(recipe, infos), source_views=views)
+    _check_layout(plan)
     _check_mlp_tensors(plan, infos)
+    layer_data: dict[int, Optional[LayerData]] = {}
     for layer in plan.moe_layers:
+        layer_data[layer] = data(layer) if data is not None else None
         ctx = MethodContext(layer, plan.dense_size, plan.hidden_size, recipe.num_experts, recipe.top_k,
-                            _layer_generator(recipe.seed, layer, 0), recipe.extra)
-        plan.layers[layer] = target.adjust_experts(plan, layer, method.build(ctx))
+                            _layer_generator(recipe.seed, layer, 0), recipe.extra, recipe, layer_data[layer])
+        experts = target.adjust_experts(plan, layer, method.build(ctx))
+        plan.layers[layer] = add_noise(experts, recipe.noise_std, _layer_generator(recipe.seed, layer, 2))
+    if recipe.shared_experts:
+        plan.shared_size = plan.dense_size // recipe.granularity * recipe.shared_experts
 
     out_dtype = DTYPES[plan.dtype_name]
     tied = bool(cfg.get("tie_word_embeddings", False))
@@ -266,7 +332,7 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe) -> Conv
         if role is not None and role[0] in plan.layers:
             if role[0] not in emitted:
                 emitted.add(role[0])
-                plan.tensors.extend((target.layer_tensors or _moe_block)(plan, role[0], infos, out_dtype))
+                plan.tensors.extend((target.layer_tensors or _moe_block)(plan, role[0], infos, out_dtype, layer_data[role[0]]))
             continue
         if target.keeps_fused and key in views:  # written as stored (e.g. Phi-3 qkv_proj), once
             key = views[key].fused

@@ -53,6 +53,16 @@ class Recipe:
     max_shard_size: str = "5GB"
     revision: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # --- expert methods (docs/methods.md) -------------------------------------------------------
+    granularity: int = 1
+    split_strategy: str = "contiguous"
+    shared_experts: int = 0
+    allow_inexact: bool = False
+    drop_ratio: float = 0.5
+    noise_std: float = 0.0
+    layers: str = "all"
+    calibration: Optional[str] = None
+    calibration_tokens: int = 16384
 
     def validate(self) -> "Recipe":
         """Check the values that need no model; raise :class:`RecipeError` with the fix."""
@@ -72,7 +82,15 @@ class Recipe:
         get_method(self.method)
         get_router_init(self.router_init)
         parse_size(self.max_shard_size)
+        from .method_checks import check_method_options
+
+        check_method_options(self)
         return self
+
+    @property
+    def routed_group_size(self) -> int:
+        """Experts per virtual group: the FFN segments that are routed (granularity minus shared)."""
+        return self.granularity - self.shared_experts
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
+
+from ..layer_data import LayerData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe import Recipe
 
 
 @dataclass(frozen=True)
 class ExpertSlice:
     """One expert as a view of the dense FFN: which neurons it keeps and how its down projection is scaled.
 
-    ``neurons`` of None means every neuron in the dense order.
+    ``neurons`` of None means every neuron in the dense order. ``reinit`` lists positions (within the
+    expert) whose gate/up rows and down column are redrawn from the dense matrices' mean and std;
+    ``noise_std`` adds Gaussian noise; both draw from a generator seeded with ``seed``.
     """
 
     neurons: Optional[torch.Tensor] = None
     down_scale: float = 1.0
+    reinit: Optional[torch.Tensor] = None
+    noise_std: float = 0.0
+    seed: int = 0
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the expert is the dense matrix unchanged."""
+        return self.neurons is None and self.down_scale == 1.0 and self.reinit is None and not self.noise_std
 
     def width(self, dense_size: int) -> int:
         return dense_size if self.neurons is None else int(self.neurons.numel())
@@ -44,6 +59,8 @@ class MethodContext:
     top_k: int
     generator: torch.Generator
     options: dict
+    recipe: Optional["Recipe"] = None
+    data: Optional[LayerData] = None
 
 
 @dataclass(frozen=True)

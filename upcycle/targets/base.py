@@ -71,6 +71,9 @@ class MoeTarget:
     adjust: Optional[Callable[["ConversionPlan", int, "LayerExperts"], "LayerExperts"]] = None
     #: a transformers architecture: COMMON_REQUIREMENTS apply (the bundled model sets False, it has its own)
     native: bool = True
+    #: factor on a carved-out shared expert's down projection that makes it exact (2.0 behind a sigmoid
+    #: gate whose weights are zeroed); None when the target does not take ``--shared-experts``
+    shared_expert_scale: Optional[float] = None
     #: the experts can hold the dense MLP biases
     supports_mlp_bias: bool = False
     #: replaces the generic router + experts layout of an MoE layer: (plan, layer, infos, dtype) -> tensors

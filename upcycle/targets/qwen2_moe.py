@@ -1,6 +1,7 @@
 """Qwen2-MoE: renormalised top-k (norm_topk_prob=true), per-layer sliding windows, sigmoid-gated shared expert.
 
-Replicated experts carry the whole FFN, so the shared expert is written with width 0 (it adds nothing).
+Replicated experts carry the whole FFN, so the shared expert is written with width 0 (it adds nothing);
+with ``--shared-experts`` it holds the shared neurons, its gate weights zero and its down projection doubled.
 """
 
 from .base import MoeTarget
@@ -21,17 +22,28 @@ def _moe_config(plan):
 
 
 def _shared_expert(plan, layer):
-    """Shared expert of width ``plan.shared_size`` (0 for replicate) and its sigmoid gate, zeroed."""
-    from ..plan import zeros_tensor
+    """The shared expert (width 0 unless ``--shared-experts``) and its sigmoid gate with zero weights.
+
+    sigmoid(0) = 1/2, so the shared expert's down projection is doubled: exact.
+    """
+    import dataclasses
+
+    from ..plan import slice_tensor, zeros_tensor
 
     hidden, width = plan.hidden_size, plan.shared_size
     prefix = f"model.layers.{layer}.mlp."
-    return [
-        zeros_tensor(prefix + "shared_expert.gate_proj.weight", (width, hidden), plan),
-        zeros_tensor(prefix + "shared_expert.up_proj.weight", (width, hidden), plan),
-        zeros_tensor(prefix + "shared_expert.down_proj.weight", (hidden, width), plan),
-        zeros_tensor(prefix + "shared_expert_gate.weight", (1, hidden), plan),
-    ]
+    gate = zeros_tensor(prefix + "shared_expert_gate.weight", (1, hidden), plan)
+    shared = plan.layers[layer].shared
+    if shared is None:
+        return [
+            zeros_tensor(prefix + "shared_expert.gate_proj.weight", (width, hidden), plan),
+            zeros_tensor(prefix + "shared_expert.up_proj.weight", (width, hidden), plan),
+            zeros_tensor(prefix + "shared_expert.down_proj.weight", (hidden, width), plan),
+            gate,
+        ]
+    sl = dataclasses.replace(shared, down_scale=shared.down_scale * TARGET.shared_expert_scale)
+    return [slice_tensor(plan, f"{prefix}shared_expert.{proj}_proj.weight", layer, proj, sl)
+            for proj in ("gate", "up", "down")] + [gate]
 
 
 TARGET = MoeTarget(
@@ -45,5 +57,6 @@ TARGET = MoeTarget(
     moe_config=_moe_config,
     supports_layer_subset=True,
     extra_layer_tensors=_shared_expert,
+    shared_expert_scale=2.0,
     description="Qwen2MoeForCausalLM with norm_topk_prob=true; layer_types copied",
 )

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..families import all_families
+from ..families import PROJECTIONS, all_families
 from .base import MoeTarget
 
 _TEXT_CONFIG_SKIP = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
@@ -35,15 +35,21 @@ def _mlp_prefix(plan, layer: int) -> str:
 
 def _slice_maker(plan, layer: int, proj: str, kind: str, sl, dtype: torch.dtype, zero: bool = False
                  ) -> Callable[[Any], torch.Tensor]:
-    """Make one expert tensor from the dense FFN: its neurons, the down scale (weights only), the layout fix."""
+    """Make one expert tensor from the dense FFN: its neurons, Drop-Upcycling/noise redraws and the down
+    scale (weights only; biases are sliced, never redrawn or scaled), in nn.Linear orientation."""
+    from ..plan import _redraw
+
     family = plan.family
 
     def make(cache) -> torch.Tensor:
-        tensor = family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj, kind)
+        dense = family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj, kind)
         if zero:
-            return torch.zeros(tensor.shape, dtype=dtype)
-        if sl.neurons is not None and not (proj == "down" and kind == "bias"):
-            tensor = tensor.index_select(1 if proj == "down" and kind == "weight" else 0, sl.neurons)
+            return torch.zeros(dense.shape, dtype=dtype)
+        dim = 1 if proj == "down" and kind == "weight" else 0
+        keep_all = sl.neurons is None or (proj == "down" and kind == "bias")
+        tensor = dense if keep_all else dense.index_select(dim, sl.neurons)
+        if kind == "weight" and (sl.reinit is not None or sl.noise_std):
+            tensor = _redraw(tensor, dense, dim, sl, PROJECTIONS.index(proj))
         if proj == "down" and kind == "weight" and sl.down_scale != 1.0:
             tensor = tensor * sl.down_scale
         return tensor.to(dtype).contiguous()
@@ -74,16 +80,18 @@ def _expert_tensors(plan, layer: int, infos, dtype, name: str, sl, down_bias: bo
     return out
 
 
-def layer_tensors(plan, layer: int, infos, dtype: torch.dtype) -> list:
+def layer_tensors(plan, layer: int, infos, dtype: torch.dtype, data=None) -> list:
     """Router, routed experts and the optional shared expert of one MoE layer, projection by projection.
 
     The dense down-projection bias goes to every routed expert (their weights sum to one), and to the
     shared expert only when there are no routed experts to carry it.
     """
-    from ..plan import router_tensor
+    from ..io.safetensors_format import TensorSpec
+    from ..plan import OutTensor, _router_maker
 
     prefix, experts = _mlp_prefix(plan, layer), plan.layers[layer]
-    out = [router_tensor(plan, layer, prefix + "router.weight", dtype)]
+    out = [OutTensor(TensorSpec(prefix + "router.weight", (len(experts.experts), plan.hidden_size), dtype), None,
+                     _router_maker(plan, layer, data, dtype))]
     routed = [_expert_tensors(plan, layer, infos, dtype, f"{prefix}experts.{e}", sl, True, layer)
               for e, sl in enumerate(experts.experts)]
     # interleave by projection so each dense matrix is read once for all experts (the cache holds a few)
@@ -157,6 +165,7 @@ TARGET = MoeTarget(
     moe_config=lambda plan: {},
     supports_layer_subset=True,
     supports_mlp_bias=True,
+    shared_expert_scale=1.0,  # the shared expert is added ungated
     layer_tensors=layer_tensors,
     make_config=make_config,
     extra_files=copy_remote_code,

@@ -1,0 +1,184 @@
+"""Calibration data: read text, tokenize it, and collect per-layer statistics in one dense forward pass.
+
+Hooks on each MoE layer's FFN keep running statistics only: a streaming k-means of the hidden
+states entering the FFN (for ``--router-init kmeans``) and, for ``--split-strategy activation``, a
+random-projection sketch of every neuron's activations over the tokens plus their mean square.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from .errors import RecipeError, SourceNotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .io import DenseSource
+    from .plan import ConversionPlan
+
+TOKENS_PER_EXPERT = 16
+SKETCH_DIM = 64
+SEQUENCE_LENGTH = 512
+BATCH_SIZE = 4
+TEXT_SUFFIXES = (".txt", ".jsonl", ".md")
+
+
+def calibration_files(path: str | Path) -> list[Path]:
+    """The text files behind ``--calibration``: the file itself, or the .txt/.jsonl/.md files of a folder."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise RecipeError(f"--calibration {path}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
+        return files
+    raise RecipeError(f"--calibration {path}: no such file or folder")
+
+
+def iter_texts(files: list[Path]) -> Iterator[str]:
+    """Documents: a whole .txt/.md file, or the ``text`` field of each JSONL line."""
+    for file in files:
+        if file.suffix != ".jsonl":
+            yield file.read_text(errors="replace")
+            continue
+        with file.open(errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise RecipeError(f"{file}, line {number}: each JSONL line needs a 'text' string") from None
+
+
+def required_tokens(num_experts: int) -> int:
+    return TOKENS_PER_EXPERT * num_experts
+
+
+def load_tokenizer(src: "DenseSource") -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**src.pretrained_kwargs())
+    except Exception:  # noqa: BLE001 - any failure means no usable tokenizer
+        tokenizer = None
+    if tokenizer is None or len(tokenizer) < 2:  # transformers builds an empty one from a bare folder
+        raise SourceNotFoundError(f"--calibration needs the dense model's tokenizer, and {src.spec} has none; "
+                                  "add its tokenizer files to the model folder")
+    return tokenizer
+
+
+def tokenize_calibration(path: str | Path, tokenizer: Any, max_tokens: int, num_experts: int) -> torch.Tensor:
+    """Token ids [n] of the calibration text (documents joined by EOS), at most ``max_tokens``."""
+    files = calibration_files(path)
+    pieces, total = [], 0
+    for text in iter_texts(files):
+        if total >= max_tokens:
+            break
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and ids:
+            ids = ids + [tokenizer.eos_token_id]
+        pieces.append(torch.tensor(ids[: max_tokens - total], dtype=torch.long))
+        total += pieces[-1].numel()
+    if total == 0:
+        raise RecipeError(f"--calibration {path}: no text in {', '.join(str(f) for f in files[:3])}")
+    needed = required_tokens(num_experts)
+    if total < needed:
+        capped = " (capped by --calibration-tokens)" if total == max_tokens else ""
+        raise RecipeError(f"--calibration {path} gives {total} tokens{capped}; {num_experts} experts need at least "
+                          f"{needed} ({TOKENS_PER_EXPERT} per expert): add text or raise --calibration-tokens")
+    return torch.cat(pieces)
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of one MoE layer."""
+
+    kmeans: Any = None
+    sketch: Optional[torch.Tensor] = None
+    square_sum: Optional[torch.Tensor] = None
+    tokens: int = 0
+
+
+@dataclass
+class CalibrationStats:
+    """The statistics of every MoE layer, after the pass."""
+
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+    tokens: int = 0
+
+    def hidden_centroids(self, layer: int) -> Optional[torch.Tensor]:
+        stats = self.layers.get(layer)
+        return stats.kmeans.result() if stats is not None and stats.kmeans is not None else None
+
+    def activations(self, layer: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        stats = self.layers.get(layer)
+        if stats is None or stats.sketch is None:
+            return None, None
+        return stats.sketch, stats.square_sum / max(stats.tokens, 1)
+
+
+def collect_statistics(src: "DenseSource", plan: "ConversionPlan", ids: torch.Tensor, *, want_hidden: bool,
+                       want_activations: bool, quiet: bool = False) -> CalibrationStats:
+    """Run the dense model once over ``ids`` with hooks on every MoE layer's FFN."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from .clustering import StreamingKMeans
+
+    model = AutoModelForCausalLM.from_pretrained(**src.pretrained_kwargs(), dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    stats = CalibrationStats()
+    sketch_gen = torch.Generator().manual_seed(plan.recipe.seed)
+    projection: dict[str, torch.Tensor] = {}
+    handles = []
+    for layer in plan.moe_layers:
+        entry = stats.layers[layer] = LayerStats()
+        down = plan.family.mlp_key(layer, "down")[: -len(".weight")]
+        if want_hidden:
+            rows = max(plan.layers[layer].groups) + 1
+            entry.kmeans = StreamingKMeans(rows, torch.Generator().manual_seed(plan.recipe.seed * 7919 + layer))
+            handles.append(modules[down.rsplit(".", 1)[0]].register_forward_pre_hook(
+                lambda mod, args, entry=entry: entry.kmeans.update(args[0])))
+        if want_activations:
+            handles.append(modules[down].register_forward_pre_hook(
+                lambda mod, args, entry=entry: _update_sketch(entry, args[0], projection["r"])))
+    length = min(SEQUENCE_LENGTH, int(plan.dense_config.get("max_position_embeddings") or SEQUENCE_LENGTH))
+    sequences = list(ids.split(length))
+    try:
+        with torch.no_grad(), tqdm(total=ids.numel(), unit="tok", desc="Calibrating", disable=quiet) as bar:
+            for start in range(0, len(sequences), BATCH_SIZE):
+                batch = sequences[start:start + BATCH_SIZE]
+                for group in _same_length(batch):
+                    projection["r"] = torch.randn(group.numel(), SKETCH_DIM, generator=sketch_gen)
+                    model(group)
+                    bar.update(group.numel())
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats.tokens = ids.numel()
+    del model
+    return stats
+
+
+def _same_length(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Stack the sequences of one batch; a shorter last sequence goes alone."""
+    full = [s for s in batch if s.numel() == batch[0].numel()]
+    groups = [torch.stack(full)]
+    groups += [s.unsqueeze(0) for s in batch[len(full):]]
+    return groups
+
+
+def _update_sketch(entry: LayerStats, h: torch.Tensor, r: torch.Tensor) -> None:
+    h = h.detach().reshape(-1, h.shape[-1]).float()
+    if entry.sketch is None:
+        entry.sketch = torch.zeros(h.shape[1], r.shape[1])
+        entry.square_sum = torch.zeros(h.shape[1])
+    entry.sketch += h.t() @ r
+    entry.square_sum += (h * h).sum(0)
+    entry.tokens += h.shape[0]
