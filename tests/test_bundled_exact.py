@@ -101,3 +101,21 @@ def test_bundled_checkpoint_layout(tmp_path):
     report = inspect(tmp_path / "moe")
     assert (report["num_layers"], report["moe_layers"], report["num_experts"]) == (3, [0, 1, 2], 2)
     assert report["active_params"] < report["total_params"]
+
+
+METHOD_CASES = [
+    ("gpt2", {}, ["--method", "split", "--granularity", "2", "-e", "4", "-k", "2"]),
+    ("llama", {"mlp_bias": True}, ["--method", "split", "--granularity", "2", "-e", "6", "-k", "2",
+                                   "--shared-experts", "1"]),
+    ("phi3", {"partial_rotary_factor": 0.5}, ["--method", "split", "--granularity", "3", "-e", "6", "-k", "3",
+                                              "--layers", "0,2"]),
+    ("gpt_neox", {}, ["-e", "4", "-k", "2", "--layers", "1"]),
+]
+
+
+@pytest.mark.parametrize("family,overrides,args", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
+def test_exact_methods_and_layer_subsets_on_bundled(tmp_path, family, overrides, args):
+    """Fine-grained split (biases, Conv1D), shared experts, MoE in some layers only (fused dense layers kept)."""
+    dense = make_dense(family, tmp_path / "dense", **overrides)
+    _convert(dense, tmp_path / "moe", "--target", "upcycle", *args)
+    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
