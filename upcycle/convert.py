@@ -183,8 +183,16 @@ def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
     cache = SourceCache(src.read, views=plan.source_views)
     total = sum(t.spec.nbytes for t in plan.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing experts", disable=quiet) as bar:
-        names = write_shards(folder, shards, lambda spec: by_name[spec.name].make(cache), bar.update)
+        names = write_shards(folder, shards, lambda spec: _produce(by_name[spec.name], src, cache), bar.update)
     return names + (["model.safetensors.index.json"] if len(names) > 1 else [])
+
+
+def _produce(tensor, src, cache):
+    """The tensor's data: the source's stored bytes when it is an unchanged copy, else computed."""
+    stored = src.stored(tensor.copy_of) if tensor.copy_of is not None else None
+    if stored is not None and stored.dtype == tensor.spec.dtype:
+        return stored
+    return tensor.make(cache)
 
 
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], verify: Optional[bool],

@@ -64,6 +64,7 @@ class OutTensor:
     source: Optional[str]  # the main dense tensor it is made from (informational)
     make: Callable[[SourceCache], torch.Tensor]
     expert_of: Optional[int] = None  # layer index when the tensor belongs to a routed expert
+    copy_of: Optional[str] = None  # dense tensor whose stored bytes this repeats unchanged (copied undecoded)
 
 
 @dataclass
@@ -241,8 +242,10 @@ def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], d
             key = family.mlp_key(layer, proj)
             for e, sl in enumerate(experts.experts):
                 shape = _expert_shape(infos[key], proj, sl.width(plan.dense_size))
+                unchanged = sl.is_copy and infos[key].dtype == dtype
                 out.append(OutTensor(TensorSpec(target.expert_tensor_name(layer, e, proj), shape, dtype), key,
-                                     _expert_maker(key, proj, sl, dtype), expert_of=layer))
+                                     _expert_maker(key, proj, sl, dtype), expert_of=layer,
+                                     copy_of=key if unchanged else None))
     if target.extra_layer_tensors is not None:
         out.extend(target.extra_layer_tensors(plan, layer))
     return out
@@ -342,7 +345,8 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
             info = stored[key]
         dtype = out_dtype if info.dtype.is_floating_point else info.dtype
         plan.tensors.append(OutTensor(TensorSpec(key, info.shape, dtype), key,
-                                      lambda cache, key=key, dtype=dtype: cache.get(key, dtype)))
+                                      lambda cache, key=key, dtype=dtype: cache.get(key, dtype),
+                                      copy_of=key if dtype == info.dtype else None))
     return plan
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -46,6 +46,9 @@ class SafetensorsFolder(DenseSource):
 
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self._infos[name])
+
+    def stored(self, name: str) -> Optional[TensorInfo]:
+        return self._infos.get(name)  # None for canonical names a family view cuts out of a fused tensor
 
     def load_config(self) -> Any:
         from transformers import AutoConfig

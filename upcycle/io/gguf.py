@@ -7,8 +7,9 @@ the memory-mapped file. Tensors come out as float32.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -24,65 +25,77 @@ class GGUFSource(DenseSource):
         self.file = Path(path)
         self.folder = self.file.parent
         self.spec = spec or str(path)
-        try:
-            from gguf import GGUFReader
-        except ImportError:
-            raise UnsupportedArchitectureError("reading .gguf files needs the gguf package: pip install gguf") from None
-        try:
-            self._reader = GGUFReader(self.file)
-        except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
-            raise CorruptCheckpointError(f"{self.file}: cannot be read as GGUF ({exc})") from None
-        self._config = self.load_config()
-        self._build_name_map()
+        if importlib.util.find_spec("gguf") is None:
+            raise UnsupportedArchitectureError("reading .gguf files needs the gguf package: pip install gguf")
+        with open(self.file, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CorruptCheckpointError(f"{self.file}: not a GGUF file (it does not start with 'GGUF')")
+        # Parsed on first use: verify only needs the path, and parsing the metadata takes seconds.
+        self._config: Any = None
+        self._infos: dict[str, TensorInfo] | None = None
 
     def load_config(self) -> Any:
         from transformers import AutoConfig
 
-        if getattr(self, "_config", None) is not None:
-            return self._config
+        if self._config is None:
+            try:
+                self._config = AutoConfig.from_pretrained(self.folder, gguf_file=self.file.name)
+            except ValueError as exc:
+                raise UnsupportedArchitectureError(f"{self.file}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - any other parse failure means a bad file
+                raise CorruptCheckpointError(f"{self.file}: cannot be read as GGUF ({exc})") from None
+        return self._config
+
+    def _open_tensors(self) -> None:
+        from gguf import GGUFReader
+
         try:
-            return AutoConfig.from_pretrained(self.folder, gguf_file=self.file.name)
-        except ValueError as exc:
-            raise UnsupportedArchitectureError(f"{self.file}: {exc}") from None
+            self._reader = GGUFReader(self.file)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+            raise CorruptCheckpointError(f"{self.file}: cannot be read as GGUF ({exc})") from None
+        self._build_name_map()
 
     def _build_name_map(self) -> None:
         from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            read_field,
-        )
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
         architecture = read_field(self._reader, "general.architecture")[0]
-        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self._config.to_dict())
+        config = self.load_config()
+        self._parsed = {"config": config.to_dict(), "tensors": {}}
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self._parsed["config"])
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self._config)
+            skeleton = AutoModelForCausalLM.from_config(config)
         shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        gguf_to_hf = get_gguf_hf_weights_map(skeleton, self._processor)
+        gguf_to_hf = _gguf_to_hf_names(skeleton, self._processor, architecture, shapes)
         self._tensors: dict[str, Any] = {}
-        self._infos: dict[str, TensorInfo] = {}
+        infos: dict[str, TensorInfo] = {}
         for tensor in self._reader.tensors:
             hf_name = gguf_to_hf.get(tensor.name)
             if hf_name is None or hf_name not in shapes:
                 continue
             self._tensors[hf_name] = tensor
-            self._infos[hf_name] = TensorInfo(self.file, torch.float32, shapes[hf_name])
+            infos[hf_name] = TensorInfo(self.file, torch.float32, shapes[hf_name])
+        self._infos = infos
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
+        if self._infos is None:
+            self._open_tensors()
         return self._infos
 
     def read(self, name: str) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
+        info = self.infos[name]
         tensor = self._tensors[name]
         weights = dequantize(tensor.data, tensor.tensor_type)
         result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping={},
-                                         parsed_parameters={"config": self._config.to_dict(), "tensors": {}})
-        out = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
-        return out.reshape(self._infos[name].shape)
+                                         parsed_parameters=self._parsed)
+        weights = np.ascontiguousarray(result.weights, dtype=np.float32)
+        if not weights.flags.writeable:  # float32 tensors come straight from the memory-mapped file
+            weights = weights.copy()
+        return torch.from_numpy(weights).reshape(info.shape)
 
     def pretrained_kwargs(self) -> dict[str, Any]:
         return {"pretrained_model_name_or_path": str(self.folder), "gguf_file": self.file.name}
@@ -97,3 +110,29 @@ class GGUFSource(DenseSource):
         from transformers import GenerationConfig
 
         return GenerationConfig.from_model_config(config)
+
+
+def _gguf_to_hf_names(skeleton: Any, processor: Any, architecture: str, hf_names: Iterable[str]) -> dict[str, str]:
+    """GGUF tensor name -> transformers name, from one llama.cpp name table.
+
+    transformers' ``get_gguf_hf_weights_map`` builds that table again for every submodule (about
+    a minute for SmolLM2 on 2 cores); one table maps every name of the dense families we read. Models
+    it cannot fully map go through transformers' function.
+    """
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == architecture), None)
+    if arch is not None:
+        table = get_tensor_name_map(arch, skeleton.config.num_hidden_layers)
+        mapping = {}
+        for hf_name in hf_names:
+            hf_name = processor.preprocess_name(hf_name)
+            base, dot, suffix = hf_name.rpartition(".")
+            gguf_name = table.get_name(base) if suffix in ("weight", "bias") else None
+            if gguf_name is None:
+                break
+            mapping[f"{gguf_name}{dot}{suffix}"] = hf_name
+        else:
+            return mapping
+    return get_gguf_hf_weights_map(skeleton, processor)

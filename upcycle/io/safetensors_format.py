@@ -51,7 +51,7 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -138,12 +138,20 @@ def encode_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(body)) + body
 
 
-def write_tensor_bytes(f: BinaryIO, spec: TensorSpec, tensor: torch.Tensor) -> None:
-    """Write a tensor's raw bytes after checking that it matches the header's promise."""
+def write_tensor_bytes(f: BinaryIO, spec: TensorSpec, tensor: "torch.Tensor | TensorInfo") -> None:
+    """Write a tensor's raw bytes after checking that it matches the header's promise.
+
+    ``tensor`` may also be a :class:`TensorInfo`: its stored bytes are copied unchanged, without
+    decoding them (``f`` then needs a ``copy_from(path, offset, length)`` method, as
+    :class:`~upcycle.io.staged.StagedFile` has).
+    """
     if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
         raise RuntimeError(f"internal error: {spec.name} planned as {spec.dtype}{list(spec.shape)}, "
                            f"produced {tensor.dtype}{list(tensor.shape)}")
     if spec.nbytes == 0:
+        return
+    if isinstance(tensor, TensorInfo):
+        f.copy_from(tensor.file, tensor.start, tensor.nbytes)
         return
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     f.write(memoryview(data))

@@ -41,6 +41,11 @@ class DenseSource(ABC):
     def read(self, name: str) -> torch.Tensor:
         """One tensor, as stored (GGUF is dequantised to float32)."""
 
+    def stored(self, name: str) -> Optional[TensorInfo]:
+        """Where the tensor's bytes lie unchanged in a file (safetensors), so they can be copied without
+        decoding; None when it must be read with :meth:`read`."""
+        return None
+
     @abstractmethod
     def load_config(self) -> Any:
         """The transformers config object of the dense model."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from .safetensors_format import TensorSpec, encode_header, write_tensor_bytes
+from .safetensors_format import TensorInfo, TensorSpec, encode_header, write_tensor_bytes
+from .staged import StagedFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,20 +40,23 @@ def output_bytes(shards: list[list[TensorSpec]]) -> int:
     return sum(len(encode_header(s, meta)) + sum(t.nbytes for t in s) for s in shards)
 
 
-def write_shards(folder: Path, shards: list[list[TensorSpec]], produce: Callable[[TensorSpec], torch.Tensor],
+def write_shards(folder: Path, shards: list[list[TensorSpec]],
+                 produce: Callable[[TensorSpec], torch.Tensor | TensorInfo],
                  on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
-    """Write every shard (header first, then data in order), fsync it, and the index when sharded."""
+    """Write every shard (header first, then data in order), fsync it, and the index when sharded.
+
+    ``produce`` returns each tensor, or the :class:`TensorInfo` of a stored tensor whose bytes are
+    copied unchanged.
+    """
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     for name, specs in zip(names, shards):
-        with open(folder / name, "wb") as f:
+        with StagedFile(folder / name) as f:
             f.write(encode_header(specs, {"format": "pt"}))
             for spec in specs:
                 write_tensor_bytes(f, spec, produce(spec))
                 weight_map[spec.name] = name
                 on_bytes(spec.nbytes)
-            f.flush()
-            os.fsync(f.fileno())
     if len(shards) > 1:
         total = sum(s.nbytes for specs in shards for s in specs)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
