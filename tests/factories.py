@@ -15,7 +15,7 @@ def _randomise_norms(model: torch.nn.Module, generator: torch.Generator) -> None
     """Norm weights are ones at init; random ones catch a norm that is dropped or misplaced."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name and param.dim() == 1:
+            if ("norm" in name or "ln_" in name) and param.dim() == 1 and not name.endswith(".bias"):
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=generator))
 
 
@@ -107,6 +107,79 @@ CONFIGS: dict[str, Callable[..., Any]] = {
 }
 
 
+def gemma_config(**kw: Any):
+    from transformers import GemmaConfig
+
+    return GemmaConfig(**_base(head_dim=16, **kw))
+
+
+def gemma2_config(**kw: Any):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**_base(head_dim=16, sliding_window=4, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+                                attn_logit_softcapping=50.0, **kw))
+
+
+def gemma3_text_config(**kw: Any):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(**_base(head_dim=16, sliding_window=4, query_pre_attn_scalar=16, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention"], **kw))
+
+
+def gpt2_config(**kw: Any):
+    from transformers import GPT2Config
+
+    return GPT2Config(**{**dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_inner=96, n_positions=256), **kw})
+
+
+def gpt_neox_config(**kw: Any):
+    from transformers import GPTNeoXConfig
+
+    cfg = _base(partial_rotary_factor=0.25, use_parallel_residual=True, **kw)
+    cfg.pop("num_key_value_heads")
+    return GPTNeoXConfig(**cfg)
+
+
+def phi_config(**kw: Any):
+    from transformers import PhiConfig
+
+    return PhiConfig(**_base(partial_rotary_factor=0.5, qk_layernorm=True, **kw))
+
+
+def stablelm_config(**kw: Any):
+    from transformers import StableLmConfig
+
+    return StableLmConfig(**_base(use_qkv_bias=True, qk_layernorm=True, partial_rotary_factor=0.25, **kw))
+
+
+def starcoder2_config(**kw: Any):
+    from transformers import Starcoder2Config
+
+    return Starcoder2Config(**_base(use_bias=True, sliding_window=4, **kw))
+
+
+def olmo_config(**kw: Any):
+    from transformers import OlmoConfig
+
+    return OlmoConfig(**_base(clip_qkv=8.0, **kw))
+
+
+CONFIGS.update({
+    "gemma": gemma_config, "gemma2": gemma2_config, "gemma3_text": gemma3_text_config, "gpt2": gpt2_config,
+    "gpt_neox": gpt_neox_config, "phi": phi_config, "stablelm": stablelm_config, "starcoder2": starcoder2_config,
+    "olmo": olmo_config,
+})
+
+
+def _randomise_biases(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Biases are zeros at init; random ones catch a bias that is dropped, scaled or duplicated."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+
+
 def make_dense(family: str, folder: Path, seed: int = 0, **config_overrides: Any) -> Path:
     """Save a tiny random ``family`` model (fp32, random norm weights) to ``folder`` and return it."""
     from transformers import AutoModelForCausalLM
@@ -115,6 +188,7 @@ def make_dense(family: str, folder: Path, seed: int = 0, **config_overrides: Any
     config = CONFIGS[family](**config_overrides)
     model = AutoModelForCausalLM.from_config(config).eval()
     _randomise_norms(model, torch.Generator().manual_seed(seed + 1))
+    _randomise_biases(model, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder)
     return Path(folder)
 

@@ -8,19 +8,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Recipe", "convert", "verify", "inspect", "push", "ConversionResult", "VerifyReport", "UpcycleError"]
+__all__ = ["Recipe", "convert", "verify", "inspect", "push", "ConversionResult", "VerifyReport", "UpcycleError",
+           "UpcycleMoeConfig", "UpcycleMoeForCausalLM"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConversionResult, convert
     from .errors import UpcycleError
     from .hub_push import push
     from .inspection import inspect
+    from .modeling import UpcycleMoeConfig, UpcycleMoeForCausalLM
     from .recipe import Recipe
     from .verify import VerifyReport, verify
 
 _LAZY = {
     "Recipe": ".recipe", "convert": ".convert", "ConversionResult": ".convert", "verify": ".verify",
     "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors", "push": ".hub_push",
+    "UpcycleMoeConfig": ".modeling", "UpcycleMoeForCausalLM": ".modeling",
 }
 
 
@@ -44,3 +47,12 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
+
+
+def _install_auto_registration() -> None:
+    from .auto_register import install
+
+    install()
+
+
+_install_auto_registration()

@@ -203,6 +203,8 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
     target_config = build_target_config(plan)
     target_config.save_pretrained(folder)
     written = ["config.json"]
+    if plan.target.extra_files is not None:
+        written += plan.target.extra_files(folder, plan)
     generation = src.generation_config(config)
     generation.save_pretrained(folder)
     written.append("generation_config.json")

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import SourceNotFoundError
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.N., transformer.h.N. (GPT-2)
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -43,6 +43,11 @@ def _packed_pattern() -> re.Pattern[str]:
     return re.compile("|".join(alternatives) or "(?!)")
 
 
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The dense config nested in a bundled ``upcycle_moe`` config (empty for other models)."""
+    return config.get("text_config") or {}
+
+
 def inspect(path: str | Path) -> dict[str, Any]:
     """Family, target, MoE layers, experts, top-k, parameter counts, bytes on disk and recipe of a checkpoint."""
     from .io.safetensors_format import numel, read_header
@@ -74,7 +79,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "architecture": (config.get("architectures") or [None])[0],
         "family": provenance.get("family"),
         "source": provenance.get("source"),
-        "num_layers": config.get("num_hidden_layers"),
+        "num_layers": config.get("num_hidden_layers") or _text_config(config).get("num_hidden_layers")
+        or _text_config(config).get("n_layer"),
         "moe_layers": sorted(routed),
         "num_experts": num_experts,
         "top_k": top_k,

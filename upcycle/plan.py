@@ -221,7 +221,7 @@ def _router_maker(plan: ConversionPlan, layer: int, data: Optional[LayerData], d
 
     def make(cache: SourceCache) -> torch.Tensor:
         def weight(proj: str) -> torch.Tensor:
-            return cache.get(plan.family.mlp_key(layer, proj), torch.float32)
+            return plan.family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj)
 
         layer_data = dataclasses.replace(data, weight=weight) if data is not None else LayerData(weight)
         return init.build(dataclasses.replace(ctx, data=layer_data)).to(dtype)
@@ -271,11 +271,11 @@ def _packed_experts(plan: ConversionPlan, layer: int, infos: dict[str, TensorInf
 
 def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> None:
     for layer in plan.moe_layers:
-        for proj in PROJECTIONS:
+        for proj in plan.family.mlp:
             key = plan.family.mlp_key(layer, proj)
             if key not in infos:
                 raise CorruptCheckpointError(f"the checkpoint has no tensor {key}; is it really a {plan.family.name} model?")
-            if plan.family.mlp_key(layer, proj, "bias") in infos:
+            if not plan.target.supports_mlp_bias and plan.family.mlp_key(layer, proj, "bias") in infos:
                 raise RecipeError(f"{plan.family.mlp_key(layer, proj, 'bias')}: MLP biases are not supported by "
                                   f"target {plan.target.name}")
 
@@ -303,12 +303,13 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
     recipe.validate()
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     family = family_for_model_type(cfg.get("model_type", ""))
+    stored = infos
     infos, views = family.present(cfg, infos)
     target = choose_target(recipe.target, family, cfg)
     method = get_method(recipe.method)
     num_layers = family.num_layers(cfg)
     plan = ConversionPlan(recipe=recipe, family=family, target=target, dense_config=cfg,
-                          hidden_size=int(cfg["hidden_size"]), dense_size=family.intermediate_size(cfg),
+                          hidden_size=family.hidden_size(cfg), dense_size=family.intermediate_size(cfg),
                           num_layers=num_layers, moe_layers=select_layers(recipe.layers, num_layers), layers={},
                           dtype_name=_output_dtype(recipe, infos), source_views=views)
     _check_layout(plan)
@@ -326,6 +327,7 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
     out_dtype = DTYPES[plan.dtype_name]
     tied = bool(cfg.get("tie_word_embeddings", False))
     emitted: set[int] = set()
+    emitted_fused: set[str] = set()
     for key, info in infos.items():
         if (tied and key == "lm_head.weight") or key.endswith(STALE_BUFFERS):
             continue
@@ -333,8 +335,14 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
         if role is not None and role[0] in plan.layers:
             if role[0] not in emitted:
                 emitted.add(role[0])
-                plan.tensors.extend(_moe_block(plan, role[0], infos, out_dtype, layer_data[role[0]]))
+                plan.tensors.extend((target.layer_tensors or _moe_block)(plan, role[0], infos, out_dtype, layer_data[role[0]]))
             continue
+        if target.keeps_fused and key in views:  # written as stored (e.g. Phi-3 qkv_proj), once
+            key = views[key].fused
+            if key in emitted_fused:
+                continue
+            emitted_fused.add(key)
+            info = stored[key]
         dtype = out_dtype if info.dtype.is_floating_point else info.dtype
         plan.tensors.append(OutTensor(TensorSpec(key, info.shape, dtype), key,
                                       lambda cache, key=key, dtype=dtype: cache.get(key, dtype),
@@ -344,6 +352,8 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
 
 def build_target_config(plan: ConversionPlan):
     """The target's config: dense keys the target class knows, then the MoE keys."""
+    if plan.target.make_config is not None:
+        return plan.target.make_config(plan)
     cls = plan.target.config_cls()
     known = cls().to_dict()
     skip = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "dtype",

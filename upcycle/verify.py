@@ -83,7 +83,8 @@ def _random_prompts(moe_path: Path):
     """Fixed pseudo-random token ids, for checkpoints that ship no tokenizer (tiny test models)."""
     import torch
 
-    vocab = json.loads((moe_path / "config.json").read_text())["vocab_size"]
+    config = json.loads((moe_path / "config.json").read_text())
+    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]  # bundled: under text_config
     gen = torch.Generator().manual_seed(0)
     encoded = [torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 11, 17, 23)]
     return [f"<{ids.shape[1]} random token ids>" for ids in encoded], encoded, None

@@ -49,6 +49,12 @@ class DenseFamily:
                                                           "down": "mlp.down_proj"})
     split_fused: Optional[FusedSplit] = None
     notes: str = ""
+    #: how FFN matrices are stored: "linear" ([out, in], nn.Linear) or "conv1d" ([in, out], GPT-2's Conv1D)
+    mlp_layout: str = "linear"
+    #: dense config keys naming the FFN activation, first found wins
+    activation_keys: tuple[str, ...] = ("hidden_act",)
+    #: dense config key of the dropout the MLP applies to its output while training, if any
+    mlp_dropout_key: Optional[str] = None
 
     def present(self, config: dict[str, Any], infos: dict[str, "TensorInfo"]
                 ) -> tuple[dict[str, "TensorInfo"], dict[str, SourceView]]:
@@ -71,10 +77,41 @@ class DenseFamily:
         return out, views
 
     def num_layers(self, config: dict[str, Any]) -> int:
-        return int(config["num_hidden_layers"])
+        return int(_first(config, ("num_hidden_layers", "n_layer")))
+
+    def hidden_size(self, config: dict[str, Any]) -> int:
+        return int(_first(config, ("hidden_size", "n_embd")))
 
     def intermediate_size(self, config: dict[str, Any]) -> int:
-        return int(config["intermediate_size"])
+        size = config.get("intermediate_size") or config.get("n_inner")
+        return int(size) if size else 4 * self.hidden_size(config)
+
+    @property
+    def gated(self) -> bool:
+        """True for ``down(act(gate(x)) * up(x))`` FFNs, False for ``down(act(up(x)))``."""
+        return "gate" in self.mlp
+
+    @property
+    def layers_module(self) -> str:
+        """Dotted path of the decoder-layer list (``model.layers``)."""
+        return self.layer_prefix.split(".{i}")[0]
+
+    @property
+    def mlp_module(self) -> str:
+        """Attribute path of the MLP inside a decoder layer (``mlp``)."""
+        return self.mlp["down"].rsplit(".", 1)[0]
+
+    def activation(self, config: dict[str, Any]) -> str:
+        return str(_first(config, self.activation_keys))
+
+    def ffn_matrix(self, read, layer: int, proj: str, kind: str = "weight"):
+        """A projection's dense weight in nn.Linear orientation (gate/up [F, H], down [H, F]) or its bias.
+
+        ``read(key)`` returns a tensor under its canonical name (fused ones are split by :meth:`present`'s
+        views); Conv1D weights are transposed here.
+        """
+        tensor = read(self.mlp_key(layer, proj, kind))
+        return tensor.t() if kind == "weight" and self.mlp_layout == "conv1d" else tensor
 
     def mlp_key(self, layer: int, proj: str, kind: str = "weight") -> str:
         return f"{self.layer_prefix.format(i=layer)}{self.mlp[proj]}.{kind}"
@@ -94,3 +131,10 @@ class DenseFamily:
         prefix = re.escape(self.layer_prefix).replace(re.escape("{i}"), r"(?P<layer>\d+)")
         modules = "|".join(re.escape(m) for m in self.mlp.values())
         return re.compile(prefix + rf"(?P<path>{modules})\.(?P<kind>weight|bias)")
+
+
+def _first(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    raise KeyError(f"the config has none of {', '.join(keys)}")

@@ -74,6 +74,16 @@ class MoeTarget:
     #: factor on a carved-out shared expert's down projection that makes it exact (2.0 behind a sigmoid
     #: gate whose weights are zeroed); None when the target does not take ``--shared-experts``
     shared_expert_scale: Optional[float] = None
+    #: the experts can hold the dense MLP biases
+    supports_mlp_bias: bool = False
+    #: replaces the generic router + experts layout of an MoE layer: (plan, layer, infos, dtype) -> tensors
+    layer_tensors: Optional[Callable[..., list["OutTensor"]]] = None
+    #: builds the output config object itself instead of copying keys into ``config_class``
+    make_config: Optional[Callable[["ConversionPlan"], Any]] = None
+    #: dense tensors that the family splits (Phi-3 qkv_proj, gate_up_proj) are written fused, as stored
+    keeps_fused: bool = False
+    #: writes extra files (e.g. remote code) into the output folder; returns their names
+    extra_files: Optional[Callable[[Any, "ConversionPlan"], list[str]]] = None
 
     def explain(self, family_name: str, config: dict[str, Any]) -> Optional[str]:
         """Why this target cannot reproduce the dense model exactly, or None when it can."""
