@@ -38,6 +38,15 @@ COMMON_REQUIREMENTS = (
 )
 
 
+#: The per-expert layout most transformers MoE classes save (Qwen-MoE style): router ``mlp.gate``,
+#: experts ``mlp.experts.E.{gate,up,down}_proj``. Targets spread it into ``MoeTarget(**MLP_EXPERTS_LAYOUT, ...)``.
+MLP_EXPERTS_LAYOUT: dict[str, Any] = {
+    "router_key": "model.layers.{i}.mlp.gate.weight",
+    "expert_key": "model.layers.{i}.mlp.experts.{e}.{proj}.weight",
+    "proj_names": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+}
+
+
 @dataclass(frozen=True)
 class MoeTarget:
     """A transformers MoE architecture that upcycle writes.

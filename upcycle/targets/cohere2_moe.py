@@ -2,7 +2,7 @@
 that softmaxes over the top-k logits, so the weights are renormalised. Its ``intermediate_size`` is the
 expert width; layers kept dense are ``mlp_layer_types`` "dense" of ``prefix_dense_intermediate_size``."""
 
-from .base import MoeTarget
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
 
 def _moe_config(plan):
@@ -27,9 +27,7 @@ TARGET = MoeTarget(
     model_type="cohere2_moe",
     config_class="Cohere2MoeConfig",
     families=("cohere2",),
-    router_key="model.layers.{i}.mlp.gate.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    **MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     supports_layer_subset=True,
     description="Cohere2MoeForCausalLM; layer_types (sliding/full) and logit_scale copied",

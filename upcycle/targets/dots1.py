@@ -10,7 +10,7 @@ with full-width experts). With narrower experts they are one expert wide with a 
 from __future__ import annotations
 
 from . import _shared_mlp
-from .base import MoeTarget
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
 LAYOUT = {f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight": (p,) for p in ("gate", "up", "down")}
 
@@ -54,9 +54,7 @@ TARGET = MoeTarget(
     model_type="dots1",
     config_class="Dots1Config",
     families=("qwen3",),
-    router_key="model.layers.{i}.mlp.gate.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    **MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     adjust=_shared_mlp.halve_full_width,
     extra_layer_tensors=_extra,

@@ -1,7 +1,7 @@
 """ERNIE 4.5 MoE: fp32 softmax router, renormalised top-k, a zero ``e_score_correction_bias``
 (``moe_statics``) per layer; MoE layers are every layer from ``moe_layer_start_index`` = 0."""
 
-from .base import MoeTarget, Requirement
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget, Requirement
 
 
 def _no_bias(cfg):
@@ -35,9 +35,7 @@ TARGET = MoeTarget(
     model_type="ernie4_5_moe",
     config_class="Ernie4_5_MoeConfig",
     families=("ernie4_5",),
-    router_key="model.layers.{i}.mlp.gate.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    **MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     requirements=(
         Requirement(_no_bias, "the dense model has biases (use_bias=true), including on its MLP, "

@@ -1,7 +1,7 @@
 """FlexOlmo: the OLMo 2 decoder (q/k norm, post-attention and post-FFN norms) with a softmax router;
 exact with ``norm_topk_prob=true``. Its ``intermediate_size`` is the expert width."""
 
-from .base import MoeTarget
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
 
 def _moe_config(plan):
@@ -19,9 +19,7 @@ TARGET = MoeTarget(
     model_type="flex_olmo",
     config_class="FlexOlmoConfig",
     families=("olmo2",),
-    router_key="model.layers.{i}.mlp.gate.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    **MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     description="FlexOlmoForCausalLM with norm_topk_prob=true",
 )

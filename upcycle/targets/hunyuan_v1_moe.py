@@ -9,7 +9,7 @@ full-width experts). With experts narrower than the dense FFN it takes expert 0'
 from __future__ import annotations
 
 from . import _shared_mlp
-from .base import MoeTarget
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
 LAYOUT = {f"model.layers.{{i}}.mlp.shared_mlp.{p}_proj.weight": (p,) for p in ("gate", "up", "down")}
 
@@ -39,8 +39,8 @@ TARGET = MoeTarget(
     config_class="HunYuanMoEV1Config",
     families=("hunyuan_v1_dense",),
     router_key="model.layers.{i}.mlp.gate.wg.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    expert_key=MLP_EXPERTS_LAYOUT["expert_key"],
+    proj_names=MLP_EXPERTS_LAYOUT["proj_names"],
     moe_config=_moe_config,
     adjust=_shared_mlp.halve_full_width,
     extra_layer_tensors=_shared_mlp_tensors,

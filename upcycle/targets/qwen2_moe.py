@@ -4,7 +4,7 @@ Replicated experts carry the whole FFN, so the shared expert is written with wid
 with ``--shared-experts`` it holds the shared neurons, its gate weights zero and its down projection doubled.
 """
 
-from .base import MoeTarget
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
 
 def _moe_config(plan):
@@ -51,9 +51,7 @@ TARGET = MoeTarget(
     model_type="qwen2_moe",
     config_class="Qwen2MoeConfig",
     families=("qwen2",),
-    router_key="model.layers.{i}.mlp.gate.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    **MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     supports_layer_subset=True,
     extra_layer_tensors=_shared_expert,

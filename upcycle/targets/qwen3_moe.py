@@ -1,6 +1,6 @@
 """Qwen3-MoE: renormalised top-k (norm_topk_prob=true), q/k norm; one sliding window for all layers."""
 
-from .base import MoeTarget, Requirement
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget, Requirement
 
 
 def _uniform_attention(cfg):
@@ -26,9 +26,7 @@ TARGET = MoeTarget(
     model_type="qwen3_moe",
     config_class="Qwen3MoeConfig",
     families=("qwen3",),
-    router_key="model.layers.{i}.mlp.gate.weight",
-    expert_key="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    **MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     requirements=(
         Requirement(_uniform_attention, "the dense model mixes sliding-window and full-attention layers, "
