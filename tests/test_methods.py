@@ -233,13 +233,24 @@ def test_bad_input_is_one_clear_line(work, args, message):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,message", [
+LAYOUTS_MIXTRAL_CANNOT_HOLD = [
     (["--method", "split", "-g", 4, "-e", 6, "-k", 3, "--shared-experts", 1], "no shared expert"),
     (["--layers", "every:2"], "puts an MoE block in every layer"),
-])
+]
+
+
+@pytest.mark.parametrize("args,message", LAYOUTS_MIXTRAL_CANNOT_HOLD, ids=["shared", "layers"])
 def test_mixtral_refuses_what_it_cannot_express(work, args, message):
-    _, result = convert(work, "llama", *args, "--dry-run", ok=False)
+    _, result = convert(work, "llama", *args, "--target", "mixtral", "--dry-run", ok=False)
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("args,message", LAYOUTS_MIXTRAL_CANNOT_HOLD, ids=["shared", "layers"])
+def test_auto_falls_back_to_the_bundled_model(work, args, message):
+    """What mixtral cannot hold, ``--target auto`` writes as the bundled model, exactly."""
+    out, result = convert(work, "llama", *args)
+    assert read_json(out / "config.json")["model_type"] == "upcycle_moe"
+    assert max_logit_diff(work["dense"]["llama"], out) <= 1e-4
 
 
 def test_calibration_errors(work, tmp_path):

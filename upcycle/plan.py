@@ -280,19 +280,6 @@ def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> No
                                   f"target {plan.target.name}")
 
 
-def _check_layout(plan: ConversionPlan) -> None:
-    """Refuse layer subsets and shared experts that the target cannot express, with the reason."""
-    recipe, target = plan.recipe, plan.target
-    if len(plan.moe_layers) != plan.num_layers and not target.supports_layer_subset:
-        raise UnsupportedArchitectureError(
-            f"--layers {recipe.layers}: target {target.name} puts an MoE block in every layer and has no dense "
-            "layers (no mlp_only_layers); use --layers all, or a family with a qwen2_moe/qwen3_moe target")
-    if recipe.shared_experts and target.shared_expert_scale is None:
-        raise UnsupportedArchitectureError(
-            f"--shared-experts: target {target.name} does not take carved-out shared experts (mixtral and "
-            "qwen3_moe have no shared expert; qwen2_moe has one); use --shared-experts 0")
-
-
 def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
               data: Optional[Callable[[int], LayerData]] = None) -> ConversionPlan:
     """Resolve family, target, experts and every output tensor.
@@ -305,14 +292,13 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
     family = family_for_model_type(cfg.get("model_type", ""))
     stored = infos
     infos, views = family.present(cfg, infos)
-    target = choose_target(recipe.target, family, cfg)
-    method = get_method(recipe.method)
     num_layers = family.num_layers(cfg)
+    target = choose_target(recipe.target, family, cfg, recipe, num_layers)
+    method = get_method(recipe.method)
     plan = ConversionPlan(recipe=recipe, family=family, target=target, dense_config=cfg,
                           hidden_size=family.hidden_size(cfg), dense_size=family.intermediate_size(cfg),
                           num_layers=num_layers, moe_layers=select_layers(recipe.layers, num_layers), layers={},
                           dtype_name=_output_dtype(recipe, infos), source_views=views)
-    _check_layout(plan)
     _check_mlp_tensors(plan, infos)
     layer_data: dict[int, Optional[LayerData]] = {}
     for layer in plan.moe_layers:

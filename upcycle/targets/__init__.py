@@ -44,20 +44,30 @@ def auto_candidates(family: DenseFamily) -> list[MoeTarget]:
     return native + others + bundled
 
 
-def choose_target(requested: str, family: DenseFamily, config: dict[str, Any]) -> MoeTarget:
-    """Resolve ``--target`` (``auto`` or a name) for a dense model; refuse with the reason if inexact."""
+def choose_target(requested: str, family: DenseFamily, config: dict[str, Any], recipe: Any = None,
+                  num_layers: Optional[int] = None) -> MoeTarget:
+    """Resolve ``--target`` (``auto`` or a name) for a dense model and recipe; refuse with the reason if the
+    target cannot reproduce the model exactly or cannot hold the recipe's layout."""
+
+    def reason(target: MoeTarget) -> Optional[str]:
+        why = target.explain(family.name, config)
+        if why is None and recipe is not None and num_layers is not None:
+            why = target.explain_recipe(recipe, num_layers)
+        return why
+
     targets = all_targets()
     if requested == "auto":
-        for target in auto_candidates(family):
-            if target.explain(family.name, config) is None:
+        candidates = auto_candidates(family)
+        for target in candidates:
+            if reason(target) is None:
                 return target
-        raise UnsupportedArchitectureError(
-            f"no exact target for this {family.name} model: {native_reason(family, config)}")
+        why = native_reason(family, config) or (reason(candidates[0]) if candidates else None)
+        raise UnsupportedArchitectureError(f"no exact target for this {family.name} model: {why}")
     if requested not in targets:
         raise UnsupportedArchitectureError(
             f"unknown target {requested!r}; available: auto, {', '.join(sorted(targets))}")
     target = targets[requested]
-    reason = target.explain(family.name, config)
-    if reason:
-        raise UnsupportedArchitectureError(f"--target {requested} cannot reproduce this model exactly: {reason}")
+    why = reason(target)
+    if why:
+        raise UnsupportedArchitectureError(f"--target {requested} cannot reproduce this model exactly: {why}")
     return target

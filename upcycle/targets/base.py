@@ -107,6 +107,17 @@ class MoeTarget:
     def adjust_experts(self, plan: "ConversionPlan", layer: int, experts: "LayerExperts") -> "LayerExperts":
         return experts if self.adjust is None else self.adjust(plan, layer, experts)
 
+    def explain_recipe(self, recipe: Any, num_layers: int) -> Optional[str]:
+        """Why this target cannot hold the recipe's layout (a layer subset, carved-out shared experts)."""
+        from ..layers import select_layers
+
+        if len(select_layers(recipe.layers, num_layers)) != num_layers and not self.supports_layer_subset:
+            return (f"--layers {recipe.layers}: {self.name} puts an MoE block in every layer and cannot keep "
+                    "layers dense")
+        if recipe.shared_experts and self.shared_expert_scale is None:
+            return f"--shared-experts: {self.name} has no shared expert to carve out of the FFN"
+        return None
+
     def expert_tensor_name(self, layer: int, expert: int, proj: str) -> str:
         return self.expert_key.format(i=layer, e=expert, proj=self.proj_names[proj])
 
