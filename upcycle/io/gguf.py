@@ -25,8 +25,10 @@ class GGUFSource(DenseSource):
         self.file = Path(path)
         self.folder = self.file.parent
         self.spec = spec or str(path)
-        if importlib.util.find_spec("gguf") is None:
-            raise UnsupportedArchitectureError("reading .gguf files needs the gguf package: pip install gguf")
+        missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:  # transformers needs accelerate to load GGUF files (verify loads the dense model that way)
+            raise UnsupportedArchitectureError(
+                f"reading .gguf files needs {' and '.join(missing)}: pip install 'upcycle[gguf]'")
         with open(self.file, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise CorruptCheckpointError(f"{self.file}: not a GGUF file (it does not start with 'GGUF')")
