@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .errors import CorruptCheckpointError, RecipeError, UnsupportedArchitectureError
+from .errors import CorruptCheckpointError, RecipeError
 from .experts import ExpertSlice, LayerExperts, MethodContext, get_method
 from .experts.noise import add_noise
 from .families import PROJECTIONS, DenseFamily, family_for_model_type

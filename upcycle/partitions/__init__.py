@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..errors import RecipeError
+from ..registry import collect, lookup
 from .base import PartitionContext, SplitStrategy, contiguous_shards
 
 __all__ = ["PartitionContext", "SplitStrategy", "all_partitions", "get_partition", "partition"]
@@ -12,18 +12,11 @@ __all__ = ["PartitionContext", "SplitStrategy", "all_partitions", "get_partition
 
 @lru_cache(maxsize=1)
 def all_partitions() -> dict[str, SplitStrategy]:
-    import sys
-
-    from ..registry import collect
-
-    return collect(sys.modules[__name__], "PARTITION")
+    return collect(__name__, "PARTITION")
 
 
 def get_partition(name: str) -> SplitStrategy:
-    strategies = all_partitions()
-    if name not in strategies:
-        raise RecipeError(f"unknown --split-strategy {name!r}; available: {', '.join(sorted(strategies))}")
-    return strategies[name]
+    return lookup(all_partitions(), name, "--split-strategy")
 
 
 def partition(name: str, ctx: PartitionContext) -> list:
