@@ -82,24 +82,45 @@ def test_registration_whatever_is_imported_first(first):
     assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
-def _isolated_python() -> list[str]:
+def _fresh_venv(folder) -> str:
+    """A new virtual environment with only torch, transformers and safetensors (the installed versions)."""
+    import safetensors
+    import transformers
+
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    pins = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"safetensors=={safetensors.__version__}"]
+    done = subprocess.run([python, "-m", "pip", "install", "-q", *pins], capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, f"building the fresh venv failed: {done.stderr[-2000:]}"
+    return python
+
+
+@pytest.fixture(scope="module")
+def isolated_python(tmp_path_factory) -> list[str]:
     """An interpreter that sees torch and transformers but not upcycle.
 
-    ``UPCYCLE_ISOLATED_PYTHON`` may name a fresh virtual environment with only torch, transformers and
-    safetensors. Otherwise: this interpreter in isolated mode (-I -S) with site-packages added by hand,
-    without running its .pth files, so the editable upcycle install is invisible.
+    - ``UPCYCLE_ISOLATED_PYTHON`` names one to use;
+    - in CI (``CI`` set) or with ``UPCYCLE_FRESH_VENV=1``: a fresh virtual environment built here with
+      only torch, transformers and safetensors (about a minute with pip's cache);
+    - otherwise this interpreter in isolated mode (-I -S) with site-packages added by hand, without
+      running its .pth files, so the editable upcycle install is invisible.
     """
     if os.environ.get("UPCYCLE_ISOLATED_PYTHON"):
         return [os.environ["UPCYCLE_ISOLATED_PYTHON"], "-I"]
+    if os.environ.get("CI") or os.environ.get("UPCYCLE_FRESH_VENV"):
+        return [_fresh_venv(tmp_path_factory.mktemp("fresh")), "-I"]
     purelib = sysconfig.get_paths()["purelib"]
     return [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.append({purelib!r}); sys.argv.pop(0); "
             "exec(compile(sys.argv[0], '<load>', 'exec'))"]
 
 
-def test_trust_remote_code_without_upcycle(bundled, tmp_path):
+def test_trust_remote_code_without_upcycle(bundled, tmp_path, isolated_python):
     dense, moe = bundled
     script = _LOAD.format(prelude="", kwargs="trust_remote_code=True")
-    python = _isolated_python()
+    python = isolated_python
     cmd = python + ([script] if python[-1].startswith("import sys") else ["-c", script])
     cmd += [str(moe), json.dumps(IDS), str(tmp_path / "l.pt")]
     info = _run(cmd, tmp_path, tmp_path)
