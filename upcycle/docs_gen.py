@@ -73,7 +73,7 @@ def render() -> str:
            "| family | model_type | native target | architecture | auto then tries | notes |", "|---|---|---|---|---|---|"]
     for name, fam in sorted(families.items()):
         native = targets.get(fam.native_target) if fam.native_target else None
-        arch = native.config_class.replace("Config", "ForCausalLM") if native else "none"
+        arch = native.architecture if native else "none"
         then = [t.name for t in auto_candidates(fam) if t.name != fam.native_target]
         out.append(f"| {name} | {', '.join(fam.model_types)} | {fam.native_target or 'none'} | {arch} "
                    f"| {', '.join(then) or '-'} | {_cell(_family_doc(fam))} |")
@@ -81,7 +81,7 @@ def render() -> str:
     out += ["", "## Targets\n", "| target | architecture | takes | layers kept dense | router | experts on disk |",
             "|---|---|---|---|---|---|"]
     for name, tgt in sorted(targets.items()):
-        arch = tgt.config_class.replace("Config", "ForCausalLM")
+        arch = tgt.architecture
         subset = "yes" if tgt.supports_layer_subset else "no (every layer MoE)"
         out.append(f"| {name} | {arch} | {', '.join(tgt.families)} | {subset} | `{tgt.router_key.format(i='N')}` "
                    f"| {_cell(_layout(tgt))} |")

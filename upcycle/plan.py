@@ -64,7 +64,8 @@ class OutTensor:
     source: Optional[str]  # the main dense tensor it is made from (informational)
     make: Callable[[SourceCache], torch.Tensor]
     expert_of: Optional[int] = None  # layer index when the tensor belongs to a routed expert
-    copy_of: Optional[str] = None  # dense tensor whose stored bytes this repeats unchanged (copied undecoded)
+    #: dense tensor whose values this repeats unchanged; written from its stored bytes when the dtypes match
+    copy_of: Optional[str] = None
 
 
 @dataclass
@@ -107,7 +108,7 @@ class ConversionPlan:
 
     @property
     def total_params(self) -> int:
-        return sum(t.spec.nbytes // t.spec.dtype.itemsize for t in self.tensors)
+        return sum(t.spec.numel for t in self.tensors)
 
     @property
     def active_params(self) -> int:
@@ -115,7 +116,7 @@ class ConversionPlan:
         per_layer: dict[int, int] = {}
         for t in self.tensors:
             if t.expert_of is not None:
-                per_layer[t.expert_of] = per_layer.get(t.expert_of, 0) + t.spec.nbytes // t.spec.dtype.itemsize
+                per_layer[t.expert_of] = per_layer.get(t.expert_of, 0) + t.spec.numel
         routed = sum(per_layer.values())
         active_routed = sum(n * self.recipe.top_k // self.recipe.num_experts for n in per_layer.values())
         return self.total_params - routed + active_routed
@@ -128,7 +129,7 @@ class ConversionPlan:
         return {
             "family": self.family.name,
             "target": self.target.name,
-            "architecture": self.target.config_class.replace("Config", "ForCausalLM"),
+            "architecture": self.target.architecture,
             "method": self.recipe.method,
             "exact": self.exact,
             "num_layers": self.num_layers,
@@ -198,13 +199,15 @@ def _redraw(tensor: torch.Tensor, dense: torch.Tensor, dim: int, sl: ExpertSlice
     return tensor
 
 
-def slice_tensor(plan: "ConversionPlan", name: str, layer: int, proj: str, sl: ExpertSlice) -> OutTensor:
-    """An output tensor holding expert slice ``sl`` of the dense ``proj`` matrix of ``layer``."""
+def slice_tensor(plan: "ConversionPlan", name: str, layer: int, proj: str, sl: ExpertSlice,
+                 expert_of: Optional[int] = None) -> OutTensor:
+    """An output tensor holding expert slice ``sl`` of the dense ``proj`` matrix of ``layer``; an unchanged
+    copy may be written from the source's stored bytes."""
     width = sl.width(plan.dense_size)
     shape = (plan.hidden_size, width) if proj == "down" else (width, plan.hidden_size)
-    dtype = DTYPES[plan.dtype_name]
-    return OutTensor(TensorSpec(name, shape, dtype), plan.family.mlp_key(layer, proj),
-                     _expert_maker(plan.family.mlp_key(layer, proj), proj, sl, dtype))
+    dtype, key = DTYPES[plan.dtype_name], plan.family.mlp_key(layer, proj)
+    return OutTensor(TensorSpec(name, shape, dtype), key, _expert_maker(key, proj, sl, dtype), expert_of=expert_of,
+                     copy_of=key if sl.is_copy else None)
 
 
 def _expert_shape(info: TensorInfo, proj: str, width: int) -> tuple[int, ...]:
@@ -232,20 +235,15 @@ def _router_maker(plan: ConversionPlan, layer: int, data: Optional[LayerData], d
 def _moe_block(plan: ConversionPlan, layer: int, infos: dict[str, TensorInfo], dtype: torch.dtype,
                data: Optional[LayerData] = None) -> list[OutTensor]:
     """Router, routed experts (projection by projection, so each dense matrix is read once) and extras."""
-    target, family, experts = plan.target, plan.family, plan.layers[layer]
+    target, experts = plan.target, plan.layers[layer]
     out = [OutTensor(TensorSpec(target.router_tensor_name(layer), (len(experts.experts), plan.hidden_size), dtype),
                      None, _router_maker(plan, layer, data, dtype))]
     if target.packed_experts:
         out.extend(_packed_experts(plan, layer, infos, dtype))
     else:
         for proj in PROJECTIONS:
-            key = family.mlp_key(layer, proj)
-            for e, sl in enumerate(experts.experts):
-                shape = _expert_shape(infos[key], proj, sl.width(plan.dense_size))
-                unchanged = sl.is_copy and infos[key].dtype == dtype
-                out.append(OutTensor(TensorSpec(target.expert_tensor_name(layer, e, proj), shape, dtype), key,
-                                     _expert_maker(key, proj, sl, dtype), expert_of=layer,
-                                     copy_of=key if unchanged else None))
+            out.extend(slice_tensor(plan, target.expert_tensor_name(layer, e, proj), layer, proj, sl, expert_of=layer)
+                       for e, sl in enumerate(experts.experts))
     if target.extra_layer_tensors is not None:
         out.extend(target.extra_layer_tensors(plan, layer))
     return out
@@ -331,8 +329,7 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
             info = stored[key]
         dtype = out_dtype if info.dtype.is_floating_point else info.dtype
         plan.tensors.append(OutTensor(TensorSpec(key, info.shape, dtype), key,
-                                      lambda cache, key=key, dtype=dtype: cache.get(key, dtype),
-                                      copy_of=key if dtype == info.dtype else None))
+                                      lambda cache, key=key, dtype=dtype: cache.get(key, dtype), copy_of=key))
     return plan
 
 
@@ -349,6 +346,6 @@ def build_target_config(plan: ConversionPlan):
     kwargs.update(plan.target.config_defaults)
     kwargs.update(plan.target.moe_config(plan))
     config = cls(**kwargs)
-    config.architectures = [plan.target.config_class.replace("Config", "ForCausalLM")]
+    config.architectures = [plan.target.architecture]
     config.dtype = plan.dtype_name
     return config

@@ -121,8 +121,12 @@ class TensorSpec:
     dtype: torch.dtype
 
     @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return numel(self.shape) * dtype_size(self.dtype)
+        return self.numel * dtype_size(self.dtype)
 
 
 def encode_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:

@@ -124,6 +124,11 @@ class MoeTarget:
     def router_tensor_name(self, layer: int) -> str:
         return self.router_key.format(i=layer)
 
+    @property
+    def architecture(self) -> str:
+        """The model class it writes, e.g. ``MixtralForCausalLM`` (from ``config_class``)."""
+        return self.config_class.replace("Config", "ForCausalLM")
+
     def config_cls(self):
         import transformers
 
