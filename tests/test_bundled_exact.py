@@ -4,7 +4,7 @@ and greedy generation with the KV cache gives the dense model's tokens."""
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import VOCAB, make_dense, max_logit_diff, read_json
+from factories import VOCAB, make_dense, max_logit_diff, read_json, save_tiny_tokenizer
 
 from upcycle.cli import cli
 from upcycle.inspection import inspect
@@ -118,4 +118,25 @@ def test_exact_methods_and_layer_subsets_on_bundled(tmp_path, family, overrides,
     """Fine-grained split (biases, Conv1D), shared experts, MoE in some layers only (fused dense layers kept)."""
     dense = make_dense(family, tmp_path / "dense", **overrides)
     _convert(dense, tmp_path / "moe", "--target", "upcycle", *args)
+    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+
+
+DATA_AWARE = {
+    "kmeans": ["--method", "split", "--granularity", "2", "--split-strategy", "kmeans"],
+    "activation": ["--method", "split", "--granularity", "2", "--split-strategy", "activation", "--calibration"],
+    "centroid": ["--router-init", "centroid"],
+}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi"])  # gpt2: Conv1D weights, n_positions; phi: plain non-gated
+@pytest.mark.parametrize("method", sorted(DATA_AWARE))
+def test_data_aware_methods_on_non_gated_families(tmp_path, family, method):
+    """Partitions and router inits that read the FFN see it in nn.Linear orientation, with only the
+    projections it has (no gate), and calibration respects the family's position limit."""
+    dense = make_dense(family, tmp_path / "dense")
+    save_tiny_tokenizer(dense)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join("the a of to and in is it that was for on are as with" for _ in range(20)))
+    args = DATA_AWARE[method] + ([str(text)] if method == "activation" else [])
+    _convert(dense, tmp_path / "moe", "-e", "4", "-k", "2", *args)
     assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4

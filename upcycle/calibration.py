@@ -148,7 +148,7 @@ def collect_statistics(src: "DenseSource", plan: "ConversionPlan", ids: torch.Te
         if want_activations:
             handles.append(modules[down].register_forward_pre_hook(
                 lambda mod, args, entry=entry: _update_sketch(entry, args[0], projection["r"])))
-    length = min(SEQUENCE_LENGTH, int(plan.dense_config.get("max_position_embeddings") or SEQUENCE_LENGTH))
+    length = min(SEQUENCE_LENGTH, plan.family.max_positions(plan.dense_config) or SEQUENCE_LENGTH)
     sequences = list(ids.split(length))
     try:
         with torch.no_grad(), tqdm(total=ids.numel(), unit="tok", desc="Calibrating", disable=quiet) as bar:

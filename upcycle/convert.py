@@ -145,8 +145,6 @@ def _needs_activations(recipe: Recipe) -> bool:
 
 def _layer_data(src, plan, calibration_ids, quiet: bool):
     """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
-    import torch
-
     from .calibration import collect_statistics
     from .layer_data import LayerData
     from .plan import SourceCache
@@ -161,13 +159,11 @@ def _layer_data(src, plan, calibration_ids, quiet: bool):
     cache = SourceCache(src.read, views=plan.source_views)
 
     def data(layer: int) -> LayerData:
-        def weight(proj: str) -> torch.Tensor:
-            return cache.get(plan.family.mlp_key(layer, proj), torch.float32)
-
         if stats is None:
-            return LayerData(weight)
+            return LayerData.from_cache(plan.family, layer, cache)
         sketch, energy = stats.activations(layer)
-        return LayerData(weight, sketch, energy, stats.hidden_centroids(layer))
+        return LayerData.from_cache(plan.family, layer, cache, activation_sketch=sketch, activation_energy=energy,
+                                    hidden_centroids=stats.hidden_centroids(layer))
 
     return data
 

@@ -223,10 +223,8 @@ def _router_maker(plan: ConversionPlan, layer: int, data: Optional[LayerData], d
                         plan.recipe.router_std, experts=experts)
 
     def make(cache: SourceCache) -> torch.Tensor:
-        def weight(proj: str) -> torch.Tensor:
-            return plan.family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj)
-
-        layer_data = dataclasses.replace(data, weight=weight) if data is not None else LayerData(weight)
+        reader = LayerData.from_cache(plan.family, layer, cache)
+        layer_data = reader if data is None else dataclasses.replace(data, weight=reader.weight)
         return init.build(dataclasses.replace(ctx, data=layer_data)).to(dtype)
 
     return make

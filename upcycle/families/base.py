@@ -82,6 +82,11 @@ class DenseFamily:
     def hidden_size(self, config: dict[str, Any]) -> int:
         return int(_first(config, ("hidden_size", "n_embd")))
 
+    def max_positions(self, config: dict[str, Any]) -> Optional[int]:
+        """The longest sequence the dense model takes, when its config says (GPT-2: ``n_positions``)."""
+        value = next((config[k] for k in ("max_position_embeddings", "n_positions") if config.get(k)), None)
+        return int(value) if value else None
+
     def intermediate_size(self, config: dict[str, Any]) -> int:
         size = config.get("intermediate_size") or config.get("n_inner")
         return int(size) if size else 4 * self.hidden_size(config)

@@ -1,6 +1,6 @@
 """Weight clustering (LLaMA-MoE style): balanced k-means of each neuron's weight vector.
 
-Neuron i is described by its gate row, up row and down column, concatenated and L2-normalised, so
+Neuron i is described by its gate row (when gated), up row and down column, concatenated and L2-normalised, so
 neurons that read and write similar directions share a shard. Wide features are first reduced to
 ``PROJECTED_DIM`` dimensions by a seeded Gaussian random projection (Johnson-Lindenstrauss: angles
 are kept up to a small error), which makes each k-means iteration ~10x cheaper at 1B-model widths.
@@ -15,8 +15,9 @@ from .base import PartitionContext, SplitStrategy, shards_from_labels
 
 
 def neuron_features(ctx: PartitionContext) -> torch.Tensor:
+    """Each neuron's input rows (gate and up, or up alone when not gated) and its down column."""
     weight = ctx.data.weight
-    return torch.cat([weight("gate"), weight("up"), weight("down").t()], dim=1)
+    return torch.cat([*(weight(p) for p in ctx.data.inputs), weight("down").t()], dim=1)
 
 
 PROJECTED_DIM = 256

@@ -1,4 +1,5 @@
-"""MoEfication-style router: row e is the mean gate row of expert e's neurons.
+"""MoEfication-style router: row e is the mean input row of expert e's neurons (gate row, or up row
+when the FFN is not gated).
 
 A token whose hidden state aligns with an expert's neurons' input weights is sent to it. Rows differ
 between the shards of one virtual group, so with ``--method split`` this init is not exact.
@@ -11,8 +12,8 @@ from .base import RouterContext, RouterInit, scale_rows
 
 
 def build(ctx: RouterContext) -> torch.Tensor:
-    gate = ctx.data.weight("gate")
-    rows = [gate.mean(0) if sl.neurons is None else gate[sl.neurons].mean(0) for sl in ctx.experts.experts]
+    inputs = ctx.data.weight(ctx.data.inputs[0])
+    rows = [inputs.mean(0) if sl.neurons is None else inputs[sl.neurons].mean(0) for sl in ctx.experts.experts]
     return scale_rows(torch.stack(rows), ctx.std)
 
 
