@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import pickle
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 import torch
@@ -12,18 +13,86 @@ from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .source import DenseSource
 
+INDEX = "model.safetensors.index.json"
 
-def _index_files(folder: Path, index_name: str) -> list[Path]:
+
+def inside_folder(folder: Path, name: str, what: str) -> Path:
+    """``folder / name`` when ``name`` is a plain relative path that stays inside ``folder`` once symlinks
+    are resolved; a Hugging Face cache snapshot may also link into its own repo's ``blobs`` folder.
+
+    A hostile index (or a link) naming ``/home/alice/private.safetensors`` or ``../x`` is refused, so a
+    conversion never pulls a file from elsewhere on the machine into an output that may be published.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise CorruptCheckpointError(f"{what}: {name!r} is not a file name")
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CorruptCheckpointError(f"{what}: {name!r} points outside the model folder; "
+                                     "only files inside it are read")
+    path = folder / relative
+    real, roots = path.resolve(), [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>
+        roots.append(folder.resolve().parent.parent / "blobs")
+    if not any(real == root or root in real.parents for root in roots):
+        raise CorruptCheckpointError(f"{what}: {name!r} is a link to {real}, outside the model folder; "
+                                     "only files inside it are read (copy the file in instead)")
+    return path
+
+
+def read_index(folder: Path, index_name: str) -> dict[str, str]:
+    """The ``weight_map`` of an index file, checked: a JSON object whose ``weight_map`` maps tensor names to
+    shard file names inside ``folder``."""
     index_path = folder / index_name
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError):
-        raise CorruptCheckpointError(f"{index_path}: not a valid index (needs a 'weight_map')") from None
-    files = list(dict.fromkeys(weight_map.values()))
+        index = json.loads(index_path.read_bytes())
+    except (ValueError, RecursionError, OSError):
+        raise CorruptCheckpointError(f"{index_path}: not valid JSON") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CorruptCheckpointError(f"{index_path}: not a valid index (needs an object with a 'weight_map' "
+                                     "of tensor names to shard files)")
+    weight_map = index["weight_map"]
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CorruptCheckpointError(f"{index_path}: weight_map[{name!r}] is {file!r}, not a shard file name")
+        inside_folder(folder, file, str(index_path))
+    return weight_map
+
+
+def _index_files(folder: Path, index_name: str) -> list[Path]:
+    return list(index_shards(folder, index_name).values())
+
+
+def index_shards(folder: Path, index_name: str) -> dict[str, Path]:
+    """Shard file name (as the index writes it) -> path, for every shard an index names; each is checked."""
+    index_path = folder / index_name
+    files = list(dict.fromkeys(read_index(folder, index_name).values()))
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise SourceNotFoundError(f"{index_path} names shard(s) that are missing: {', '.join(missing)}")
-    return [folder / f for f in files]
+    return {f: folder / f for f in files}
+
+
+def merge_shards(index_path: Optional[Path], weight_map: dict[str, str],
+                 shards: dict[str, dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    """Every tensor once: a tensor stored in two shards, or in a shard other than the one the index names,
+    or named by the index but absent from its shard, is a corrupt checkpoint (transformers and the
+    safetensors library would each pick a different copy)."""
+    infos: dict[str, TensorInfo] = {}
+    for file, found in shards.items():
+        for name, info in found.items():
+            if name in infos:
+                raise CorruptCheckpointError(f"tensor {name!r} is stored twice, in {infos[name].file.name} and "
+                                             f"{info.file.name}; the checkpoint is ambiguous")
+            if index_path is not None and weight_map.get(name) != file:
+                raise CorruptCheckpointError(f"{index_path}: tensor {name!r} is in {file} but the index "
+                                             f"says {weight_map.get(name)!r}")
+            infos[name] = info
+    missing = [name for name in weight_map if name not in infos]
+    if missing:
+        raise CorruptCheckpointError(f"{index_path}: tensor {missing[0]!r} is not in its shard "
+                                     f"{weight_map[missing[0]]}" + (f" ({len(missing)} tensors missing)"
+                                                                    if len(missing) > 1 else ""))
+    return infos
 
 
 class SafetensorsFolder(DenseSource):
@@ -32,13 +101,13 @@ class SafetensorsFolder(DenseSource):
     def __init__(self, folder: Path, spec: str | None = None):
         self.folder = Path(folder)
         self.spec = spec or str(folder)
-        if (self.folder / "model.safetensors.index.json").is_file():
-            files = _index_files(self.folder, "model.safetensors.index.json")
+        index_path, weight_map = None, {}
+        if (self.folder / INDEX).is_file():
+            index_path, weight_map = self.folder / INDEX, read_index(self.folder, INDEX)
+            files = index_shards(self.folder, INDEX)
         else:
-            files = [self.folder / "model.safetensors"]
-        self._infos: dict[str, TensorInfo] = {}
-        for path in files:
-            self._infos.update(read_header(path)[0])
+            files = {"model.safetensors": inside_folder(self.folder, "model.safetensors", str(self.folder))}
+        self._infos = merge_shards(index_path, weight_map, {f: read_header(p)[0] for f, p in files.items()})
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
@@ -74,6 +143,9 @@ class TorchBinFolder(DenseSource):
         self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None
         for path in self._files:
             for name, tensor in self._load(path).items():
+                if name in self._where:
+                    raise CorruptCheckpointError(f"tensor {name!r} is stored twice, in {self._where[name].name} "
+                                                 f"and {path.name}; the checkpoint is ambiguous")
                 self._where[name] = path
                 self._infos[name] = TensorInfo(path, tensor.dtype, tuple(tensor.shape))
 
@@ -87,8 +159,14 @@ class TorchBinFolder(DenseSource):
                 if "mmap" not in str(exc):
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CorruptCheckpointError(f"{path}: refused: it holds objects other than tensors "
+                                         f"({_unpickling_reason(exc)}); upcycle reads .bin files with "
+                                         "weights_only=True and never runs code stored in them. Convert it "
+                                         "to safetensors with a tool you trust, or use a safetensors source") from None
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise CorruptCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({exc})") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({reason})") from None
         if not isinstance(state, dict):
             raise CorruptCheckpointError(f"{path}: does not hold a state dict")
         state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -106,6 +184,14 @@ class TorchBinFolder(DenseSource):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(self.folder)
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused, without its advice to turn the safety off."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "documentation" not in line
+              and not line.startswith("Weights only load failed")]
+    return (useful[0] if useful else "unsupported content").rstrip(".")
 
 
 def open_folder(folder: Path, spec: str | None = None) -> DenseSource:

@@ -57,7 +57,11 @@ def dtype_size(dtype: torch.dtype) -> int:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and check a safetensors header: ``(infos, metadata, data_offset)``.
 
-    Raises :class:`CorruptCheckpointError` naming the file when it is truncated or malformed.
+    Checked as the format specifies: the header is a JSON object without duplicate keys, an optional
+    ``__metadata__`` maps strings to strings, every tensor has a known ``dtype``, a ``shape`` of
+    non-negative integers and ``data_offsets`` ``[begin, end]`` that match its size, and the tensors
+    cover the data section exactly (no overlap, no gap, nothing after it). Raises
+    :class:`CorruptCheckpointError` naming the file and the tensor otherwise.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -69,31 +73,87 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
         if header_len > MAX_HEADER or 8 + header_len > size:
             raise CorruptCheckpointError(f"{path}: corrupt or truncated safetensors header "
                                          f"(header claims {header_len} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON") from None
+        header = _parse_header_json(path, f.read(header_len))
     data_offset = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
     infos: dict[str, TensorInfo] = {}
-    last_end = 0
     for name, entry in header.items():
-        try:
-            dtype = STR_TO_DTYPE[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
+        dtype, shape, (start, end) = _check_entry(path, name, entry)
         info = TensorInfo(path, dtype, shape, data_offset + start, data_offset + end)
-        if end - start != info.nbytes or start > end:
+        if end - start != info.nbytes:
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, "
                                          f"its shape and dtype need {info.nbytes}")
         infos[name] = info
-        last_end = max(last_end, end)
-    if data_offset + last_end > size:
-        raise CorruptCheckpointError(f"{path}: truncated safetensors file: data ends at byte "
-                                     f"{data_offset + last_end}, file has {size}")
+    _check_layout(path, infos, data_offset, size)
     return infos, metadata, data_offset
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict:
+    def no_duplicates(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise CorruptCheckpointError(f"{path}: safetensors header names {dup!r} twice")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw, object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, "
+                                     "not an object of tensors")
+    return header
+
+
+def _check_metadata(path: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{path}: safetensors '__metadata__' must map strings to strings")
+    return metadata
+
+
+def _is_index(value: object) -> bool:
+    """A non-negative JSON integer (not a bool, not a float such as 1e400)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"{where}: header entry is not an object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in STR_TO_DTYPE:
+        raise CorruptCheckpointError(f"{where}: unsupported or missing dtype {dtype!r}; "
+                                     f"known: {', '.join(sorted(STR_TO_DTYPE))}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise CorruptCheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(x) for x in offsets):
+        raise CorruptCheckpointError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+    start, end = offsets
+    if start > end:
+        raise CorruptCheckpointError(f"{where}: data_offsets {offsets} end before they begin")
+    return STR_TO_DTYPE[dtype], tuple(shape), (start, end)
+
+
+def _check_layout(path: Path, infos: dict[str, TensorInfo], data_offset: int, size: int) -> None:
+    """Tensors tile the data section: sorted by offset, each begins where the previous one ended."""
+    position = data_offset
+    for name, info in sorted(infos.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start != position:
+            what = "overlaps the previous tensor" if info.start < position else "leaves a gap before it"
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} {what} (data_offsets begin at "
+                                         f"{info.start - data_offset}, expected {position - data_offset})")
+        position = info.end
+    if position > size:
+        raise CorruptCheckpointError(f"{path}: truncated safetensors file: data ends at byte "
+                                     f"{position}, file has {size}")
+    if position < size:
+        raise CorruptCheckpointError(f"{path}: {size - position} bytes after the last tensor that no "
+                                     "tensor covers (corrupt safetensors file)")
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
