@@ -74,6 +74,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     """
     from .io import open_source
     from .io.atomic import atomic_folder, check_output
+    from .io.config_check import check_required_tensors
     from .plan import make_plan
 
     recipe = build_recipe(recipe, **overrides)
@@ -89,6 +90,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
         check_output(output, force, src.folder)
     config = src.load_config()
     plan = make_plan(config, src.infos, recipe)
+    check_required_tensors(config, src.infos, src.spec)  # after make_plan: an unknown family is reported first
     calibration_ids = _calibration_ids(src, recipe)
     summary = plan.summary()
     if dry_run:

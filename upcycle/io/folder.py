@@ -120,9 +120,9 @@ class SafetensorsFolder(DenseSource):
         return self._infos.get(name)  # None for canonical names a family view cuts out of a fused tensor
 
     def load_config(self) -> Any:
-        from transformers import AutoConfig
+        from .config_check import load_checked_config
 
-        return AutoConfig.from_pretrained(self.folder)
+        return load_checked_config(self.folder, self.infos)
 
 
 class TorchBinFolder(DenseSource):
@@ -181,9 +181,9 @@ class TorchBinFolder(DenseSource):
         return self._load(self._where[name])[name].clone()
 
     def load_config(self) -> Any:
-        from transformers import AutoConfig
+        from .config_check import load_checked_config
 
-        return AutoConfig.from_pretrained(self.folder)
+        return load_checked_config(self.folder, self.infos)
 
 
 def _unpickling_reason(exc: Exception) -> str:

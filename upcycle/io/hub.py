@@ -94,9 +94,9 @@ class HubHeadersSource(DenseSource):
         raise RuntimeError("internal error: a headers-only Hub source has no tensor data")
 
     def load_config(self) -> Any:
-        from transformers import AutoConfig
+        from .config_check import load_checked_config
 
-        return AutoConfig.from_pretrained(self.folder)
+        return load_checked_config(self.folder, self.infos)
 
 
 def open_headers(repo_id: str, revision: Optional[str] = None, quiet: bool = False) -> DenseSource:
