@@ -50,11 +50,11 @@ def select_layers(spec: str, num_layers: int) -> list[int]:
         for item in text.split(","):
             m = _ITEM.fullmatch(item)
             first = int(m.group(1))
-            chosen.update(range(first, int(m.group(2) or first) + 1))
-        outside = sorted(i for i in chosen if i >= num_layers)
-        if outside:
-            raise RecipeError(f"--layers {text}: the model has {num_layers} layers (0-{num_layers - 1}); "
-                              f"no layer {outside[0]}")
+            last = int(m.group(2) or first)
+            if last >= num_layers:  # checked before the range is built: 0-10**15 must not fill the memory
+                raise RecipeError(f"--layers {text}: the model has {num_layers} layers (0-{num_layers - 1}); "
+                                  f"no layer {first if first >= num_layers else num_layers}")
+            chosen.update(range(first, last + 1))
         layers = sorted(chosen)
     if not layers:
         raise RecipeError(f"--layers {text} selects no layer of this {num_layers}-layer model")

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import RecipeError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+MAX_SEED = 2**32 - 1
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(value: int | str) -> int:
     """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000`` (the transformers convention)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise RecipeError(f"--max-shard-size: cannot read {value!r}; use a size such as 5GB or 500MB")
     if isinstance(value, int):
         size = value
     else:
@@ -27,12 +31,54 @@ def parse_size(value: int | str) -> int:
                 number, unit = text[: -len(suffix)], suffix
                 break
         try:
-            size = int(float(number) * _SIZE_UNITS[unit])
+            scaled = float(number) * _SIZE_UNITS[unit]
         except ValueError:
-            raise RecipeError(f"--max-shard-size: cannot read {value!r}; use a size such as 5GB or 500MB") from None
+            scaled = math.nan
+        if not math.isfinite(scaled):
+            raise RecipeError(f"--max-shard-size: cannot read {value!r}; use a size such as 5GB or 500MB")
+        size = int(scaled)
     if size <= 0:
         raise RecipeError(f"--max-shard-size must be positive, got {value!r}")
     return size
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_field_types(recipe: "Recipe") -> None:
+    """Each field holds a value of its declared type (recipe files can hold anything); numbers are finite.
+
+    Raises :class:`RecipeError` naming the field: a NaN ``router_std`` would otherwise make an all-NaN
+    model that compares as "exact".
+    """
+    hints = typing.get_type_hints(type(recipe))
+    for f in dataclasses.fields(recipe):
+        value, hint = getattr(recipe, f.name), hints[f.name]
+        kinds = _KINDS.get(f.name) or _allowed(hint)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            names = " or ".join(sorted({_TYPE_NAMES[k] for k in kinds}))
+            flag = "" if f.name == "extra" else f" ({_flag(f.name)})"
+            raise RecipeError(f"recipe field '{f.name}'{flag} must be {names}, "
+                              f"got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{_flag(f.name)} must be a finite number, got {value}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a mapping", type(None): "null", list: "a list"}
+#: fields that accept more than their annotation says
+_KINDS = {"max_shard_size": (str, int), "layers": (str, int, list)}
+
+
+def _allowed(hint: Any) -> tuple[type, ...]:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return tuple(k for arg in typing.get_args(hint) for k in _allowed(arg))
+    if hint is float:
+        return (int, float)
+    return (origin or hint,)
 
 
 @dataclass
@@ -69,6 +115,7 @@ class Recipe:
         from .experts import get_method
         from .routers import get_router_init
 
+        check_field_types(self)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise RecipeError(f"--num-experts must be an integer >= 1, got {self.num_experts!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
@@ -79,6 +126,8 @@ class Recipe:
             raise RecipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.router_std < 0:
             raise RecipeError(f"--router-std must be >= 0, got {self.router_std}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise RecipeError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         get_method(self.method)
         get_router_init(self.router_init)
         parse_size(self.max_shard_size)
@@ -109,19 +158,13 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
         """Read a recipe from a .json or .yaml file (an ``upcycle_recipe.json`` output works too)."""
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
+        from .io.yaml_load import load_config_file
 
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-            raise RecipeError(f"cannot parse recipe {path}: {exc}") from None
+        data = load_config_file(path, "recipe")
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path} must hold a mapping of keys to values")
+        if not all(isinstance(k, str) for k in data):
+            raise RecipeError(f"recipe {path}: every key must be a string")
         return cls.from_dict(data)
