@@ -21,8 +21,8 @@ SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atten
              "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings",
              "n_embd", "n_inner", "n_layer", "n_head", "n_positions")
 LAYER_KEYS = ("num_hidden_layers", "n_layer")
-#: ``<...>.layers.N.`` (most families), ``transformer.h.N.`` (GPT-2), ``blocks.N.``
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+#: ``<...>.layers.N.`` (most families), ``transformer.h.N.`` (GPT-2), ``encoder.layer.N.``, ``blocks.N.``
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
@@ -57,15 +57,23 @@ def check_config_dict(config: Any, where: str) -> None:
 
 
 def check_layer_count(config: dict[str, Any], tensor_names: Iterable[str], where: str) -> None:
-    """The config's layer count may not exceed the decoder layers whose tensors the checkpoint holds."""
+    """The config's layer count may not exceed the decoder layers whose tensors the checkpoint holds
+    (or, when no tensor name shows a layer index, the number of tensors)."""
     wanted = next((config[k] for k in LAYER_KEYS if config.get(k) is not None), None)
     if wanted is None:
         return
-    present = {int(m.group(1)) for name in tensor_names for m in [_LAYER_INDEX.search(name)] if m}
+    names = list(tensor_names)
+    present = {int(m.group(1)) for name in names for m in [_LAYER_INDEX.search(name)] if m}
+    key = next(k for k in LAYER_KEYS if config.get(k) is not None)
+    if not present:
+        if wanted > len(names):
+            raise CorruptCheckpointError(f"{where}: '{key}' is {wanted} but the weights hold only "
+                                         f"{len(names)} tensors")
+        return
     if wanted > len(present) or any(i not in present for i in range(wanted)):
         missing = next(i for i in range(wanted) if i not in present)
-        raise CorruptCheckpointError(f"{where}: '{next(k for k in LAYER_KEYS if k in config)}' is {wanted} but "
-                                     f"the weights hold {len(present)} decoder layer(s) (none for layer {missing})")
+        raise CorruptCheckpointError(f"{where}: '{key}' is {wanted} but the weights hold {len(present)} "
+                                     f"decoder layer(s) (none for layer {missing})")
 
 
 def load_checked_config(folder: Path, tensor_names: Iterable[str]) -> Any:
