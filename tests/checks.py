@@ -16,8 +16,9 @@ def run_cli(*args: str) -> Result:
 
 
 def leftovers(parent: Path) -> list[str]:
-    """Hidden temporary siblings that an interrupted or failed conversion must not leave behind."""
-    return sorted(p.name for p in Path(parent).iterdir() if ".upcycle-tmp-" in p.name or ".upcycle-old-" in p.name)
+    """Hidden temporary siblings and lock files that an interrupted or failed conversion must not leave behind."""
+    return sorted(p.name for p in Path(parent).iterdir()
+                  if any(tag in p.name for tag in (".upcycle-tmp-", ".upcycle-old-", ".upcycle-lock")))
 
 
 def assert_clean_error(result: Result, output: Path, *fragments: str) -> str:

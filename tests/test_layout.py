@@ -145,7 +145,7 @@ def test_metadata_files(tmp_path):
     recipe = Recipe.load(out / "upcycle_recipe.json")
     assert recipe == Recipe(num_experts=4, top_k=2, seed=3)
     provenance = read_json(out / "upcycle_recipe.json")["upcycle"]
-    assert provenance["source"] == str(dense) and provenance["exact"] is True
+    assert provenance["source"] == dense.name and provenance["exact"] is True
     assert set(provenance["versions"]) >= {"upcycle", "torch", "transformers", "safetensors"}
 
     card = (out / "README.md").read_text()

@@ -87,7 +87,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
         check_output(output, force)
     src = open_source(str(source), recipe.revision, quiet=quiet, headers_only=dry_run)
     if not dry_run:
-        check_output(output, force, src.folder)
+        check_output(output, force, getattr(src, "file", src.folder))
     config = src.load_config()
     plan = make_plan(config, src.infos, recipe)
     check_required_tensors(config, src.infos, src.spec)  # after make_plan: an unknown family is reported first
@@ -98,7 +98,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     if _needs_layer_data(recipe):
         plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet))
 
-    with atomic_folder(output, force) as tmp:
+    with atomic_folder(output, force, need_bytes=summary["output_bytes"]) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
         meta, verification = _write_metadata(tmp, plan, src, config, summary, verify, quiet, push_to_hub)
         files += meta
@@ -196,6 +196,7 @@ def _produce(tensor, src, cache):
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], verify: Optional[bool],
                     quiet: bool, repo_id: Optional[str]) -> tuple[list[str], Optional[dict[str, Any]]]:
     from .card import render_card, repo_id_from_cache_path, source_license
+    from .io.public_names import public_name, public_recipe
     from .plan import build_target_config
 
     target_config = build_target_config(plan)
@@ -207,14 +208,15 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
     generation.save_pretrained(folder)
     written.append("generation_config.json")
     written += src.save_tokenizer(folder)
-    provenance = {"source": src.spec, "source_commit": src.commit, "versions": _versions(), **summary}
-    recipe_dict = plan.recipe.to_dict()
-    (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
+    provenance = {"source": public_name(src.spec, src.repo_id or repo_id_from_cache_path(src.folder)),
+                  "source_commit": src.commit, "versions": _versions(), **summary}
+    recipe_dict = public_recipe(plan.recipe.to_dict())
+    (folder / RECIPE_FILE).write_text(_json(recipe_dict, provenance))
     written.append(RECIPE_FILE)
     verification = _verify_output(folder, src, summary, verify, quiet)
     if verification is not None:
         provenance["verification"] = verification
-        (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
+        (folder / RECIPE_FILE).write_text(_json(recipe_dict, provenance))
     base_model = src.repo_id or repo_id_from_cache_path(src.folder)
     licence = source_license(src.folder)
     if plan.dense_config.get("license") and "license" not in licence:
@@ -224,6 +226,11 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
                 remote_code=remote_code, repo_id=repo_id).save(folder / "README.md")
     written.append("README.md")
     return written, verification
+
+
+def _json(recipe_dict: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """``upcycle_recipe.json``: strict JSON (a NaN or infinity is a bug, never written as a literal)."""
+    return json.dumps({**recipe_dict, "upcycle": provenance}, indent=2, allow_nan=False) + "\n"
 
 
 def _free_memory() -> Optional[int]:
