@@ -160,7 +160,7 @@ def inspect_cmd(path: str, as_json: bool, routing: str | None, heatmap: str, seq
     click.echo(f"  on disk: {_human(info['bytes_on_disk'], 'B')}, dtype {info['dtype']}")
     if info["recipe"]:
         r = info["recipe"]
-        click.echo(f"  recipe: method {r['method']}, router {r['router_init']}, seed {r['seed']}, "
+        click.echo(f"  recipe: method {r.get('method')}, router {r.get('router_init')}, seed {r.get('seed')}, "
                    f"{'exact' if info['exact'] else 'not exact'}")
     if info.get("note"):
         click.echo(f"  note: {info['note']}")

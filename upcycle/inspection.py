@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .errors import SourceNotFoundError
+from .errors import CorruptCheckpointError, SourceNotFoundError
 
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.N., transformer.h.N. (GPT-2)
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -19,19 +19,48 @@ _TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # mixtral/qwen, erni
 
 def _top_k(config: dict[str, Any]) -> Any:
     value = next((config[k] for k in _TOP_K_KEYS if config.get(k)), None)
-    if isinstance(value, list) and len(set(value)) == 1:  # per-layer list with one value
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value) and len(set(value)) == 1:  # per-layer list with one value
         value = value[0]
     return value
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
+def _weight_headers(folder: Path) -> dict[str, Any]:
+    """Every tensor's header entry, read through the same checks as a conversion's source (index contained
+    in the folder, headers valid, no tensor twice)."""
+    from .io.folder import INDEX, index_shards, inside_folder, merge_shards, read_index
+    from .io.safetensors_format import read_header
+
+    if (folder / INDEX).is_file():
+        shards = index_shards(folder, INDEX)
+        return merge_shards(folder / INDEX, read_index(folder, INDEX),
+                            {name: read_header(path)[0] for name, path in shards.items()})
+    if (folder / "model.safetensors").is_file():
+        return read_header(inside_folder(folder, "model.safetensors", str(folder)))[0]
     raise SourceNotFoundError(f"{folder}: no model.safetensors or index; inspect reads safetensors checkpoints")
+
+
+def _first_architecture(config: dict[str, Any]) -> Optional[str]:
+    names = config.get("architectures")
+    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+
+
+def _count(value: Any) -> Any:
+    """A positive integer from a config, else None (a broken config must not break the arithmetic)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _read_recipe(path: Path) -> Optional[dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        recipe = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise CorruptCheckpointError(f"{path}: not valid JSON") from None
+    if not isinstance(recipe, dict):
+        raise CorruptCheckpointError(f"{path}: must hold a JSON object")
+    if not isinstance(recipe.get("upcycle", {}), dict):
+        raise CorruptCheckpointError(f"{path}: 'upcycle' must be an object")
+    return recipe
 
 
 def _packed_pattern() -> re.Pattern[str]:
@@ -45,30 +74,30 @@ def _packed_pattern() -> re.Pattern[str]:
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The dense config nested in a bundled ``upcycle_moe`` config (empty for other models)."""
-    return config.get("text_config") or {}
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else {}
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
     """Family, target, MoE layers, experts, top-k, parameter counts, bytes on disk and recipe of a checkpoint."""
-    from .io.safetensors_format import numel, read_header
+    from .io.config_check import read_config_json
+    from .io.safetensors_format import numel
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise SourceNotFoundError(f"{path}: not a model folder (no config.json)")
-    config = json.loads((folder / "config.json").read_text())
-    recipe_path = folder / "upcycle_recipe.json"
-    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
-    num_experts = next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None)
-    top_k = _top_k(config)
+    config = read_config_json(folder / "config.json")
+    recipe = _read_recipe(folder / "upcycle_recipe.json")
+    num_experts = _count(next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None))
+    top_k = _count(_top_k(config))
 
     total, routed, packed = 0, {}, _packed_pattern()
-    for file in _weight_files(folder):
-        for name, info in read_header(file)[0].items():
-            n = numel(info.shape)
-            total += n
-            layer = _LAYER.search(name)
-            if layer and (_EXPERT.search(name) or _FUSED.search(name) or packed.fullmatch(name)):
-                routed[int(layer.group(1))] = routed.get(int(layer.group(1)), 0) + n
+    for name, info in _weight_headers(folder).items():
+        n = numel(info.shape)
+        total += n
+        layer = _LAYER.search(name)
+        if layer and (_EXPERT.search(name) or _FUSED.search(name) or packed.fullmatch(name)):
+            routed[int(layer.group(1))] = routed.get(int(layer.group(1)), 0) + n
     active = total
     if num_experts and top_k:
         active = total - sum(routed.values()) + sum(n * top_k // num_experts for n in routed.values())
@@ -76,7 +105,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     report = {
         "path": str(folder),
         "model_type": config.get("model_type"),
-        "architecture": (config.get("architectures") or [None])[0],
+        "architecture": _first_architecture(config),
         "family": provenance.get("family"),
         "source": provenance.get("source"),
         "num_layers": config.get("num_hidden_layers") or _text_config(config).get("num_hidden_layers")
