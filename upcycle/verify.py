@@ -55,8 +55,11 @@ def read_prompts(path: str | Path) -> list[str]:
             continue
         if path.suffix == ".jsonl":
             try:
-                prompts.append(json.loads(line)["text"])
-            except (ValueError, KeyError, TypeError):
+                text_value = json.loads(line)["text"]
+                if not isinstance(text_value, str):
+                    raise TypeError
+                prompts.append(text_value)
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise RecipeError(f"{path}: each JSONL line needs a 'text' field") from None
         else:
             prompts.append(line)
