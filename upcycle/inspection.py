@@ -38,7 +38,7 @@ def _packed_pattern() -> re.Pattern[str]:
     """Packed-expert tensors of every registered target (e.g. GraniteMoE's ``input_linear [E, 2F, H]``)."""
     from .targets import all_targets
 
-    templates = [t for target in all_targets().values() for t in (target.packed_experts or {})]
+    templates = [t for target in all_targets().values() for t in getattr(target.layout, "packed", {})]
     alternatives = [re.escape(t).replace(re.escape("{i}"), r"\d+") for t in templates]
     return re.compile("|".join(alternatives) or "(?!)")
 
