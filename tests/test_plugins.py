@@ -96,3 +96,17 @@ def test_duplicate_plugin_names_fail_at_import(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ImportError, match="two PLUGIN plug-ins are named 'same': dup_plugins.a and dup_plugins.b"):
         collect(__import__("dup_plugins"), "PLUGIN")
+
+
+def test_cli_help_lists_the_registries_without_importing_them():
+    """CLI help reads names and descriptions from the plug-in sources (torch-free); they match the registries."""
+    import upcycle.partitions
+    import upcycle.routers
+    import upcycle.targets
+    from upcycle.registry import describe
+
+    for package, attribute, found in (("upcycle.experts", "METHOD", upcycle.experts.all_methods()),
+                                      ("upcycle.routers", "ROUTER", upcycle.routers.all_router_inits()),
+                                      ("upcycle.partitions", "PARTITION", upcycle.partitions.all_partitions()),
+                                      ("upcycle.targets", "TARGET", upcycle.targets.all_targets())):
+        assert describe(package, attribute) == {name: item.description for name, item in found.items()}

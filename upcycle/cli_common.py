@@ -53,22 +53,19 @@ class RegistryOption(click.Option):
         return super().get_help_record(ctx)
 
 
-def _names(registry: str, describe: bool = True) -> Callable[[], str]:
+def _names(package: str, attribute: str, describe: bool = True) -> Callable[[], str]:
     def names() -> str:
-        import importlib
+        from .registry import describe as read
 
-        module_name, function = registry.rsplit(".", 1)
-        found = getattr(importlib.import_module(module_name), function)()
-        return ", ".join(f"{name} ({item.description})" if describe and getattr(item, "description", "") else name
-                         for name, item in sorted(found.items()))
+        return ", ".join(f"{name} ({text})" if describe and text else name for name, text in sorted(read(package, attribute).items()))
 
     return names
 
 
-METHOD_CHOICES = _names("upcycle.experts.all_methods")
-ROUTER_CHOICES = _names("upcycle.routers.all_router_inits")
-PARTITION_CHOICES = _names("upcycle.partitions.all_partitions")
-TARGET_CHOICES = _names("upcycle.targets.all_targets", describe=False)
+METHOD_CHOICES = _names("upcycle.experts", "METHOD")
+ROUTER_CHOICES = _names("upcycle.routers", "ROUTER")
+PARTITION_CHOICES = _names("upcycle.partitions", "PARTITION")
+TARGET_CHOICES = _names("upcycle.targets", "TARGET", describe=False)
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
