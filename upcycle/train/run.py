@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..checkpoint import CONFIG_FILE, library_versions
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
 
 CHECKPOINTS = "checkpoints"
@@ -96,15 +97,6 @@ def eos_id(tokenizer: Any, config: Any) -> Optional[int]:
     return eos[0] if isinstance(eos, list) else eos
 
 
-def _load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def _apply_lora(model: Any, options: TrainOptions) -> Any:
     """Wrap the model with LoRA adapters (peft ``all-linear``: attention, routers and fused experts)."""
     try:
@@ -125,6 +117,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     """
     from transformers import AutoConfig, default_data_collator
 
+    from ..tokenizer import load_tokenizer
     from .data import load_packed
     from .moe_model import check_seq_len, moe_shape, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
@@ -133,7 +126,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
     model_path, output = Path(model_path), Path(output)
-    if not (model_path / "config.json").is_file():
+    if not (model_path / CONFIG_FILE).is_file():
         raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
     config = AutoConfig.from_pretrained(model_path)
     num_experts, top_k = moe_shape(config, str(model_path))
@@ -143,7 +136,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     aux_coef = options.aux_loss_coef if options.aux_loss_coef is not None else \
         float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     dataset = load_packed(data, tokenizer, options.seq_len, eos_id(tokenizer, config), text_attr(config, "vocab_size"))
 
     model, layers, restore = _prepare_model(model_path, options, groups, num_experts)
@@ -169,7 +162,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         "lora": {"r": options.lora_r, "alpha": options.lora_alpha} if options.lora else None,
         "bf16": options.bf16, "seed": options.seed, "final_loss": losses[-1] if losses else result.training_loss,
         "train_loss": result.training_loss, "expert_load": _load_brief((monitor.summary or {}).get("last_window")),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if args.should_save:
         record_training(model_path, output, run)
@@ -248,15 +241,6 @@ def _dtype_of(config: Any) -> Any:
 
     dtype = getattr(config, "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    from .. import __version__
-
-    return {"upcycle": __version__, "transformers": importlib.metadata.version("transformers"),
-            "torch": importlib.metadata.version("torch")}
 
 
 def _has_accelerator() -> bool:
