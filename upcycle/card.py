@@ -74,16 +74,13 @@ def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> st
 
 
 def render_card(summary: dict[str, Any], recipe: dict[str, Any], base_model: Union[str, Sequence[str], None],
-                license: Optional[str] = None, verification: Optional[dict[str, Any]] = None, *,
-                license_info: Optional[dict[str, str]] = None, remote_code: bool = False,
-                repo_id: Optional[str] = None):
+                verification: Optional[dict[str, Any]] = None, *, license_info: Optional[dict[str, str]] = None,
+                remote_code: bool = False, repo_id: Optional[str] = None):
     """Build a :class:`huggingface_hub.ModelCard`: Hub metadata, recipe table, parameters, measured
     verification, how to load it and how to fine-tune it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     licence = dict(license_info or {})
-    if license and "license" not in licence:
-        licence["license"] = license
     data = ModelCardData(
         base_model=base_model or None,
         base_model_relation=base_model_relation(base_model),

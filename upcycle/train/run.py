@@ -64,7 +64,6 @@ class TrainResult:
 
     output: Path
     steps: int
-    final_loss: Optional[float]
     losses: list[float]
     expert_load: Optional[dict[str, Any]]
     run: dict[str, Any]
@@ -168,7 +167,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         record_training(model_path, output, run)
         copy_code_files(model_path, output)
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(output, trainer.state.global_step, run["final_loss"], losses, monitor.summary, run)
+    return TrainResult(output, trainer.state.global_step, losses, monitor.summary, run)
 
 
 def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], num_experts: int):
