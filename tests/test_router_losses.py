@@ -1,5 +1,6 @@
-"""The router losses of `upcycle train` and the copy inside the bundled model's remote code agree,
-with and without padding, and padding tokens count for nothing in either."""
+"""The router losses of `upcycle train` (computed by the bundled model's own functions, which ship inside
+checkpoints as remote code) match an independent reference, with and without padding, and padding tokens
+count for nothing."""
 
 import pytest
 import torch
@@ -22,15 +23,36 @@ def _padding_mask():
     return mask
 
 
+def _reference(logits, real, router_type):
+    """E * sum_e (share of the real tokens' top-k slots on e) * (their mean probability of e), layer mean."""
+    losses = []
+    for layer in logits:
+        scores = layer[real].softmax(-1) if router_type == "softmax" else layer[real].sigmoid()
+        probs = scores / scores.sum(-1, keepdim=True)
+        counts = torch.bincount(probs.topk(TOP_K, -1).indices.reshape(-1), minlength=EXPERTS).float()
+        losses.append(EXPERTS * (counts / counts.sum() * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 @pytest.mark.parametrize("router_type", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_train_and_bundled_losses_agree(router_type, padded, seed):
     logits, mask = _logits(seed), (_padding_mask() if padded else None)
-    ours = trained.load_balancing_loss(logits, TOP_K, router_type, mask)
-    theirs = bundled.load_balancing_loss(logits, TOP_K, router_type, mask)
-    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0), (float(ours), float(theirs))
-    assert torch.allclose(trained.router_z_loss(logits, mask), bundled.router_z_loss(logits, mask), rtol=1e-6, atol=0)
+    real = mask.reshape(-1).bool() if padded else torch.ones(BATCH * SEQ, dtype=torch.bool)
+    expected = _reference(logits, real, router_type)
+    z = torch.stack([torch.logsumexp(layer[real], -1).square().mean() for layer in logits]).mean()
+    # [batch, seq, experts] (native MoE classes) and bf16 logits are flattened and computed in fp32 by train
+    shaped = [layer.reshape(BATCH, SEQ, EXPERTS) for layer in logits]
+    for ours in (trained.load_balancing_loss(logits, TOP_K, router_type, mask),
+                 trained.load_balancing_loss(shaped, TOP_K, router_type, mask),
+                 bundled.load_balancing_loss(logits, TOP_K, router_type, mask)):
+        assert torch.allclose(ours, expected, rtol=1e-6, atol=0), (float(ours), float(expected))
+    for ours in (trained.router_z_loss(logits, mask), trained.router_z_loss(shaped, mask),
+                 bundled.router_z_loss(logits, mask)):
+        assert torch.allclose(ours, z, rtol=1e-6, atol=0)
+    low = trained.load_balancing_loss([layer.bfloat16() for layer in logits], TOP_K, router_type, mask)
+    assert low.dtype == torch.float32 and torch.allclose(low, expected, rtol=2e-2)
 
 
 @pytest.mark.parametrize("router_type", ["softmax", "sigmoid"])

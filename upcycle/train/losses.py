@@ -1,8 +1,9 @@
 """Router losses computed from the per-layer router logits (``[tokens, experts]`` each).
 
-The bundled model (``upcycle/modeling/modeling_upcycle_moe.py``) ships inside checkpoints as remote
-code and so keeps its own copy of these two functions; tests/test_router_losses.py pins the two to the
-same values, with and without padding.
+One implementation: the bundled model's (``upcycle/modeling/modeling_upcycle_moe.py``, which ships inside
+checkpoints as self-contained remote code and adds the same losses in its own forward). Here the logits
+of any MoE (native transformers classes too) are flattened to ``[tokens, experts]`` and computed in fp32
+first. Padding (``attention_mask == 0``) is left out of both losses.
 """
 
 from __future__ import annotations
@@ -10,24 +11,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ..modeling import modeling_upcycle_moe as _bundled
 
 
-def token_mask(attention_mask: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    """``[T, 1]`` float mask of the real tokens of flattened router logits ``[T, E]`` (padding is
-    ``attention_mask == 0``); all ones without a ``[batch, seq]`` mask that matches the logits."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != logits.shape[0]:
-        return logits.new_ones(logits.shape[0], 1)
-    return attention_mask.reshape(-1, 1).to(device=logits.device, dtype=logits.dtype)
-
-
-def routing_probs(logits: torch.Tensor, router_type: str = "softmax") -> torch.Tensor:
-    """Per-token routing probabilities: softmax, or for ``sigmoid`` routers the sigmoid scores normalised
-    to sum to one."""
-    if router_type == "softmax":
-        return logits.softmax(-1)
-    probs = logits.sigmoid()
-    return probs / probs.sum(-1, keepdim=True)
+def _flat_fp32(router_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [logits.float().reshape(-1, logits.shape[-1]) for logits in router_logits]
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, router_type: str = "softmax",
@@ -36,20 +25,10 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int, route
 
     Per layer ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of top-k assignments to expert e and
     ``P_e`` its mean router probability: 1.0 at perfect balance, up to E when one expert takes every
-    token. Gradient flows through ``P_e`` (the router); ``f_e`` is a count.
+    token. Gradient flows through ``P_e`` (the router); ``f_e`` is a count. For ``sigmoid`` routers ``P``
+    is the per-token normalised sigmoid score.
     """
-    losses = []
-    for logits in router_logits:
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        num_experts = logits.shape[-1]
-        probs = routing_probs(logits, router_type)
-        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).float()
-        mask = token_mask(attention_mask, logits)
-        denom = mask.sum().clamp_min(1.0)
-        fraction = (chosen * mask).sum(0) / (denom * top_k)
-        mean_prob = (probs * mask).sum(0) / denom
-        losses.append(num_experts * (fraction * mean_prob).sum())
-    return torch.stack(losses).mean()
+    return _bundled.load_balancing_loss(_flat_fp32(router_logits), top_k, router_type, attention_mask)
 
 
 def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -57,10 +36,4 @@ def router_z_loss(router_logits: Sequence[torch.Tensor], attention_mask: Optiona
 
     It keeps router logits small, which keeps routing stable in low precision.
     """
-    losses = []
-    for logits in router_logits:
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        mask = token_mask(attention_mask, logits)
-        z = torch.logsumexp(logits, dim=-1, keepdim=True) ** 2
-        losses.append((z * mask).sum() / mask.sum().clamp_min(1.0))
-    return torch.stack(losses).mean()
+    return _bundled.router_z_loss(_flat_fp32(router_logits), attention_mask)
