@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import CorruptCheckpointError, UpcycleError
+from .errors import CorruptCheckpointError, SourceNotFoundError, UpcycleError
 
 CONFIG_FILE = "config.json"
 RECIPE_FILE = "upcycle_recipe.json"
@@ -30,6 +30,14 @@ TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k", "top_k")
 EXPERT_SIZE_KEYS = ("moe_intermediate_size", "intermediate_size")
 # the libraries whose versions a checkpoint records, in the order the recipe lists them
 VERSIONED_LIBRARIES = ("torch", "transformers", "safetensors", "huggingface_hub")
+
+
+def model_folder(path: str | Path) -> Path:
+    """``path`` as a Path when it is a model folder (has ``config.json``); SourceNotFoundError otherwise."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file():
+        raise SourceNotFoundError(f"{path}: not a model folder (no {CONFIG_FILE})")
+    return folder
 
 
 # --- the recipe file -------------------------------------------------------------------------------

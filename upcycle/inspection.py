@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import (CONFIG_FILE, EXPERT_SIZE_KEYS, SINGLE_FILE, config_value, expert_count, experts_per_token,
-                         provenance_of, read_recipe, weight_files)
+                         model_folder, provenance_of, read_recipe, weight_files)
 from .errors import SourceNotFoundError
 
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.N., transformer.h.N. (GPT-2)
@@ -41,9 +41,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     """Family, target, MoE layers, experts, top-k, parameter counts, bytes on disk and recipe of a checkpoint."""
     from .io.safetensors_format import numel, read_header
 
-    folder = Path(path)
-    if not (folder / CONFIG_FILE).is_file():
-        raise SourceNotFoundError(f"{path}: not a model folder (no config.json)")
+    folder = model_folder(path)
     config = json.loads((folder / CONFIG_FILE).read_text())
     recipe = read_recipe(folder)
     num_experts = expert_count(config)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import CONFIG_FILE, provenance_of, read_recipe
+from .checkpoint import CONFIG_FILE, model_folder, provenance_of, read_recipe
 from .errors import DataError, RecipeError, SourceNotFoundError
 from .textdata import read_lines
 
@@ -131,9 +131,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     if torch_dtype is None:
         raise RecipeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     _check_device(device)
-    moe_path = Path(moe)
-    if not (moe_path / CONFIG_FILE).is_file():
-        raise SourceNotFoundError(f"{moe}: not a model folder (no config.json)")
+    moe_path = model_folder(moe)
     dense_src = open_source(str(dense), quiet=quiet)
     tokenizer = load_tokenizer(moe_path, dense_src.pretrained_kwargs())
     if tokenizer is not None:

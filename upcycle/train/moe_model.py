@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from ..checkpoint import expert_count, experts_per_token
@@ -20,6 +21,14 @@ def moe_shape(config: Any, path: str = "model") -> tuple[int, int]:
             f"{path} is a dense model ({getattr(config, 'model_type', '?')}), not a Mixture-of-Experts; "
             f"run `upcycle convert {path} MOE_FOLDER` first and train the MoE")
     return int(experts), int(top_k)
+
+
+def load_moe_config(path: Path) -> tuple[Any, int, int]:
+    """The transformers config of the MoE folder ``path``, its expert count and top-k (a dense model refused)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return (config, *moe_shape(config, str(path)))
 
 
 def text_attr(config: Any, name: str) -> Any:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint import CONFIG_FILE, library_versions
+from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
 
 CHECKPOINTS = "checkpoints"
@@ -114,21 +114,18 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     Checkpoints go to ``output/checkpoints``; the final model, tokenizer, updated recipe and card to
     ``output``. Works under ``torchrun`` and ``accelerate launch`` (one call per process).
     """
-    from transformers import AutoConfig, default_data_collator
+    from transformers import default_data_collator
 
     from ..tokenizer import load_tokenizer
     from .data import load_packed
-    from .moe_model import check_seq_len, moe_shape, parse_train_groups, text_attr
+    from .moe_model import check_seq_len, load_moe_config, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
     from .provenance import copy_code_files, record_training
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
-    model_path, output = Path(model_path), Path(output)
-    if not (model_path / CONFIG_FILE).is_file():
-        raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_path)
-    num_experts, top_k = moe_shape(config, str(model_path))
+    model_path, output = model_folder(model_path), Path(output)
+    config, num_experts, top_k = load_moe_config(model_path)
     check_seq_len(config, options.seq_len)
     groups = parse_train_groups(options.train)
     resume_from = _resume_checkpoint(output, options)
