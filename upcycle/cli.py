@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from .version import __version__
 from .cli_common import (METHOD_CHOICES, PARTITION_CHOICES, ROUTER_CHOICES, TARGET_CHOICES, RegistryOption, _human,
                          _terminate_as_interrupt, _user_errors, parse_options)
 
