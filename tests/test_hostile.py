@@ -105,7 +105,7 @@ def test_json_recipe_with_nan_literal_refused(tmp_path, llama):
 
 
 def test_recipe_file_is_strict_json(tmp_path, llama):
-    from upcycle.convert import _json
+    from upcycle.checkpoint import recipe_text
 
     out = tmp_path / "moe"
     assert convert(llama, out, "-e", "2", "-k", "1").exit_code == 0
@@ -115,7 +115,7 @@ def test_recipe_file_is_strict_json(tmp_path, llama):
 
     json.loads((out / "upcycle_recipe.json").read_text(), parse_constant=no_constants)
     with pytest.raises(ValueError):
-        _json({"router_std": float("nan")}, {})
+        recipe_text({"router_std": float("nan")}, {})
 
 
 @pytest.mark.parametrize("case,mutate,fragment", [
@@ -385,8 +385,10 @@ def test_broken_config_is_one_line(tmp_path, llama, case, text, fragment):
     ('num_experts: "8"\n', "'num_experts'"),
     ("top_k: 1.5\n", "'top_k'"),
     ("router_std: abc\n", "'router_std'"),
-    ("method: 3\n", "'method'"),
-    ("extra: [1, 2]\n", "'extra'"),
+    ("method: 3\n", "--method"),
+    ('method: split\ngranularity: "4"\n', "--granularity"),
+    ("method: drop\ndrop_ratio: .nan\n", "--drop-ratio"),
+    ("revision: [1]\n", "'revision'"),
     ("allow_inexact: maybe\n", "'allow_inexact'"),
     ("max_shard_size: [5]\n", "'max_shard_size'"),
     ("calibration: 7\n", "'calibration'"),
@@ -408,7 +410,7 @@ def test_binary_prompt_file_refused(tmp_path, llama):
     result = run_cli("verify", llama, llama, "--prompts", tmp_path / "prompts.txt", "-q")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == \
-        [f"error: prompts file {tmp_path / 'prompts.txt'} is not UTF-8 text"]
+        [f"error: {tmp_path / 'prompts.txt'}: binary data (it holds NUL bytes), not text; pass a text or JSONL file"]
 
 
 @pytest.mark.parametrize("breakage", ["config_not_json", "recipe_not_json", "recipe_a_list", "index_a_list",

@@ -2,46 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from .errors import CorruptCheckpointError, SourceNotFoundError
+from .checkpoint import (CONFIG_FILE, EXPERT_SIZE_KEYS, SINGLE_FILE, config_value, expert_count, experts_per_token,
+                         model_folder, provenance_of, read_recipe, weight_files)
+from .errors import SourceNotFoundError
 
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.N., transformer.h.N. (GPT-2)
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_EXPERT_SIZE_KEYS = ("moe_intermediate_size", "intermediate_size")
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # mixtral/qwen, ernie4_5_moe, hunyuan_v1_moe
-
-
-def _top_k(config: dict[str, Any]) -> Any:
-    value = next((config[k] for k in _TOP_K_KEYS if config.get(k)), None)
-    if isinstance(value, list) and value and all(isinstance(v, int) for v in value) and len(set(value)) == 1:  # per-layer list with one value
-        value = value[0]
-    return value
 
 
 def _weight_headers(folder: Path) -> dict[str, Any]:
-    """Every tensor's header entry, read through the same checks as a conversion's source (index contained
-    in the folder, headers valid, no tensor twice)."""
-    from .io.folder import INDEX, index_shards, inside_folder, merge_shards, read_index
+    """Every tensor's header entry, read through the checks a conversion's source gets (index contained in
+    the folder, headers valid, no tensor twice or in a shard the index does not name)."""
+    from .io.folder import merge_shards
     from .io.safetensors_format import read_header
 
-    if (folder / INDEX).is_file():
-        shards = index_shards(folder, INDEX)
-        return merge_shards(folder / INDEX, read_index(folder, INDEX),
-                            {name: read_header(path)[0] for name, path in shards.items()})
-    if (folder / "model.safetensors").is_file():
-        return read_header(inside_folder(folder, "model.safetensors", str(folder)))[0]
-    raise SourceNotFoundError(f"{folder}: no model.safetensors or index; inspect reads safetensors checkpoints")
-
-
-def _first_architecture(config: dict[str, Any]) -> Optional[str]:
-    names = config.get("architectures")
-    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+    weights = weight_files(folder)
+    if weights is None:
+        raise SourceNotFoundError(f"{folder}: no {SINGLE_FILE} or index; inspect reads safetensors checkpoints")
+    missing = weights.missing(folder)
+    if missing:
+        raise SourceNotFoundError(f"{folder / weights.index} names shard(s) that are missing: {', '.join(missing)}")
+    headers = {name: read_header(folder / name)[0] for name in weights.files}
+    return merge_shards(folder / weights.index if weights.index else None, weights.weight_map or {}, headers)
 
 
 def _count(value: Any) -> Any:
@@ -49,25 +36,16 @@ def _count(value: Any) -> Any:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _read_recipe(path: Path) -> Optional[dict[str, Any]]:
-    if not path.is_file():
-        return None
-    try:
-        recipe = json.loads(path.read_bytes())
-    except (ValueError, RecursionError):
-        raise CorruptCheckpointError(f"{path}: not valid JSON") from None
-    if not isinstance(recipe, dict):
-        raise CorruptCheckpointError(f"{path}: must hold a JSON object")
-    if not isinstance(recipe.get("upcycle", {}), dict):
-        raise CorruptCheckpointError(f"{path}: 'upcycle' must be an object")
-    return recipe
+def _first_architecture(config: dict[str, Any]) -> Any:
+    names = config.get("architectures")
+    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
 
 
 def _packed_pattern() -> re.Pattern[str]:
     """Packed-expert tensors of every registered target (e.g. GraniteMoE's ``input_linear [E, 2F, H]``)."""
     from .targets import all_targets
 
-    templates = [t for target in all_targets().values() for t in (target.packed_experts or {})]
+    templates = [t for target in all_targets().values() for t in getattr(target.layout, "packed", {})]
     alternatives = [re.escape(t).replace(re.escape("{i}"), r"\d+") for t in templates]
     return re.compile("|".join(alternatives) or "(?!)")
 
@@ -83,13 +61,11 @@ def inspect(path: str | Path) -> dict[str, Any]:
     from .io.config_check import read_config_json
     from .io.safetensors_format import numel
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise SourceNotFoundError(f"{path}: not a model folder (no config.json)")
-    config = read_config_json(folder / "config.json")
-    recipe = _read_recipe(folder / "upcycle_recipe.json")
-    num_experts = _count(next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None))
-    top_k = _count(_top_k(config))
+    folder = model_folder(path)
+    config = read_config_json(folder / CONFIG_FILE)
+    recipe = read_recipe(folder)
+    num_experts = _count(expert_count(config))
+    top_k = _count(experts_per_token(config))
 
     total, routed, packed = 0, {}, _packed_pattern()
     for name, info in _weight_headers(folder).items():
@@ -101,7 +77,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     active = total
     if num_experts and top_k:
         active = total - sum(routed.values()) + sum(n * top_k // num_experts for n in routed.values())
-    provenance = (recipe or {}).get("upcycle", {})
+    provenance = provenance_of(recipe)
     report = {
         "path": str(folder),
         "model_type": config.get("model_type"),
@@ -113,7 +89,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "moe_layers": sorted(routed),
         "num_experts": num_experts,
         "top_k": top_k,
-        "expert_size": next((config[k] for k in _EXPERT_SIZE_KEYS if config.get(k)), None),
+        "expert_size": config_value(config, EXPERT_SIZE_KEYS),
         "total_params": total,
         "active_params": active,
         "bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),

@@ -2,74 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import pickle
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE, WeightFiles, weight_files
 from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .source import DenseSource
 
-INDEX = "model.safetensors.index.json"
 
-
-def inside_folder(folder: Path, name: str, what: str) -> Path:
-    """``folder / name`` when ``name`` is a plain relative path that stays inside ``folder`` once symlinks
-    are resolved; a Hugging Face cache snapshot may also link into its own repo's ``blobs`` folder.
-
-    A hostile index (or a link) naming ``/home/alice/private.safetensors`` or ``../x`` is refused, so a
-    conversion never pulls a file from elsewhere on the machine into an output that may be published.
-    """
-    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
-        raise CorruptCheckpointError(f"{what}: {name!r} is not a file name")
-    relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise CorruptCheckpointError(f"{what}: {name!r} points outside the model folder; "
-                                     "only files inside it are read")
-    path = folder / relative
-    real, roots = path.resolve(), [folder.resolve()]
-    if folder.resolve().parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>
-        roots.append(folder.resolve().parent.parent / "blobs")
-    if not any(real == root or root in real.parents for root in roots):
-        raise CorruptCheckpointError(f"{what}: {name!r} is a link to {real}, outside the model folder; "
-                                     "only files inside it are read (copy the file in instead)")
-    return path
-
-
-def read_index(folder: Path, index_name: str) -> dict[str, str]:
-    """The ``weight_map`` of an index file, checked: a JSON object whose ``weight_map`` maps tensor names to
-    shard file names inside ``folder``."""
-    index_path = folder / index_name
-    try:
-        index = json.loads(index_path.read_bytes())
-    except (ValueError, RecursionError, OSError):
-        raise CorruptCheckpointError(f"{index_path}: not valid JSON") from None
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise CorruptCheckpointError(f"{index_path}: not a valid index (needs an object with a 'weight_map' "
-                                     "of tensor names to shard files)")
-    weight_map = index["weight_map"]
-    for name, file in weight_map.items():
-        if not isinstance(file, str):
-            raise CorruptCheckpointError(f"{index_path}: weight_map[{name!r}] is {file!r}, not a shard file name")
-        inside_folder(folder, file, str(index_path))
-    return weight_map
-
-
-def _index_files(folder: Path, index_name: str) -> list[Path]:
-    return list(index_shards(folder, index_name).values())
-
-
-def index_shards(folder: Path, index_name: str) -> dict[str, Path]:
-    """Shard file name (as the index writes it) -> path, for every shard an index names; each is checked."""
-    index_path = folder / index_name
-    files = list(dict.fromkeys(read_index(folder, index_name).values()))
-    missing = [f for f in files if not (folder / f).is_file()]
+def _weight_paths(folder: Path, single: str, index: str) -> list[Path]:
+    """The weight files of ``folder`` in one layout (single file or indexed shards); missing shards refused."""
+    weights = weight_files(folder, single=single, index=index)
+    if weights is None:
+        return [folder / single]
+    missing = weights.missing(folder)
     if missing:
-        raise SourceNotFoundError(f"{index_path} names shard(s) that are missing: {', '.join(missing)}")
-    return {f: folder / f for f in files}
+        raise SourceNotFoundError(f"{folder / index} names shard(s) that are missing: {', '.join(missing)}")
+    return [folder / f for f in weights.files]
 
 
 def merge_shards(index_path: Optional[Path], weight_map: dict[str, str],
@@ -101,13 +54,11 @@ class SafetensorsFolder(DenseSource):
     def __init__(self, folder: Path, spec: str | None = None):
         self.folder = Path(folder)
         self.spec = spec or str(folder)
-        index_path, weight_map = None, {}
-        if (self.folder / INDEX).is_file():
-            index_path, weight_map = self.folder / INDEX, read_index(self.folder, INDEX)
-            files = index_shards(self.folder, INDEX)
-        else:
-            files = {"model.safetensors": inside_folder(self.folder, "model.safetensors", str(self.folder))}
-        self._infos = merge_shards(index_path, weight_map, {f: read_header(p)[0] for f, p in files.items()})
+        files = _weight_paths(self.folder, SINGLE_FILE, INDEX_FILE)
+        weights = weight_files(self.folder) or WeightFiles([SINGLE_FILE])
+        index_path = self.folder / weights.index if weights.index else None
+        headers = {name: read_header(path)[0] for name, path in zip(weights.files, files)}
+        self._infos = merge_shards(index_path, weights.weight_map or {}, headers)
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
@@ -134,10 +85,7 @@ class TorchBinFolder(DenseSource):
     def __init__(self, folder: Path, spec: str | None = None):
         self.folder = Path(folder)
         self.spec = spec or str(folder)
-        if (self.folder / "pytorch_model.bin.index.json").is_file():
-            self._files = _index_files(self.folder, "pytorch_model.bin.index.json")
-        else:
-            self._files = [self.folder / "pytorch_model.bin"]
+        self._files = _weight_paths(self.folder, TORCH_SINGLE_FILE, TORCH_INDEX_FILE)
         self._where: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -199,9 +147,9 @@ def open_folder(folder: Path, spec: str | None = None) -> DenseSource:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SourceNotFoundError(f"{folder} is not a model folder: it has no config.json")
-    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+    if (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file():
         return SafetensorsFolder(folder, spec)
-    if (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
+    if (folder / TORCH_SINGLE_FILE).is_file() or (folder / TORCH_INDEX_FILE).is_file():
         return TorchBinFolder(folder, spec)
     raise SourceNotFoundError(
         f"{folder} has a config.json but no weights (model.safetensors, an index with shards, or pytorch_model.bin)")
