@@ -34,7 +34,7 @@ def collect(package: ModuleType | str, attribute: str) -> dict[str, Any]:
 
 def lookup(found: dict[str, Any], name: str, flag: str) -> Any:
     """``found[name]``, or a :class:`RecipeError` naming the flag and every available choice."""
-    if name not in found:
+    if not isinstance(name, str) or name not in found:  # a recipe file can hold a list or a mapping here
         raise RecipeError(f"unknown {flag} {name!r}; available: {', '.join(sorted(found))}")
     return found[name]
 

@@ -85,7 +85,7 @@ def load_checked_config(folder: Path, tensor_names: Iterable[str]) -> Any:
     check_layer_count(config, tensor_names, str(path))
     try:
         return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError) as exc:
         reason = _first_sentence(exc)
         raise UnsupportedArchitectureError(f"{path}: transformers cannot read this config "
                                            f"(model_type {config['model_type']!r}): {reason}") from None
