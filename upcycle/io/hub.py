@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import SourceNotFoundError
+from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .safetensors_format import STR_TO_DTYPE, TensorInfo
 from .source import TOKENIZER_FILES, DenseSource
 
@@ -119,6 +119,12 @@ def open_headers(repo_id: str, revision: Optional[str] = None, quiet: bool = Fal
             infos = {}
             for file_name, file_meta in meta.files_metadata.items():
                 for name, t in file_meta.tensors.items():
+                    if t.dtype not in STR_TO_DTYPE or not all(isinstance(d, int) and d >= 0 for d in t.shape):
+                        raise CorruptCheckpointError(f"{repo_id}: {file_name}: tensor {name!r} has an unsupported "
+                                                     f"dtype {t.dtype!r} or a malformed shape {t.shape!r}")
+                    if name in infos:
+                        raise CorruptCheckpointError(f"{repo_id}: tensor {name!r} is stored twice, in "
+                                                     f"{infos[name].file.name} and {file_name}")
                     infos[name] = TensorInfo(folder / file_name, STR_TO_DTYPE[t.dtype], tuple(t.shape))
             return HubHeadersSource(repo_id, revision, folder, infos)
     source = open_folder(download(repo_id, revision, quiet), repo_id)
