@@ -107,18 +107,39 @@ def check_required_tensors(config: Any, stored: dict[str, Any], where: str = "th
         reason = _first_sentence(exc)
         raise CorruptCheckpointError(f"{where}: config.json does not describe a model transformers can "
                                      f"build: {reason}") from None
+    loaded, renames_only = _as_loaded(skeleton, stored)
     missing = []
     for name, param in skeleton.named_parameters():
-        info = stored.get(name)
+        info = loaded.get(name)
         if info is None:
             missing.append(name)
         elif tuple(info.shape) != tuple(param.shape):
             raise CorruptCheckpointError(f"{where}: tensor {name!r} has shape {list(info.shape)}, but config.json "
                                          f"implies {list(param.shape)}")
-    if missing:
+    if missing and renames_only:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CorruptCheckpointError(f"{where} has no tensor {missing[0]!r}{more}, which the model needs; "
                                      "the checkpoint is incomplete or is not this config's model")
+
+
+def _as_loaded(skeleton: Any, stored: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``stored`` under the names transformers loads them as (its checkpoint renames, e.g. GPT-NeoX's
+    ``embed_out`` -> ``lm_head``), and whether every transform is a plain renaming (else a parameter may be
+    made from several stored tensors, and a missing name proves nothing)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(skeleton)
+    except Exception:  # noqa: BLE001 - another transformers version: compare the names as stored
+        return stored, True
+    renames = [t for t in transforms if type(t) is WeightRenaming]
+    loaded = {}
+    for name, info in stored.items():
+        for transform in renames:
+            name = transform.rename_source_key(name)[0]
+        loaded[name] = info
+    return loaded, len(renames) == len(transforms)
 
 
 def _first_sentence(exc: Exception) -> str:
