@@ -189,7 +189,8 @@ def test_recipe_file_flags_override_and_output_recipe_reproduces(work, tmp_path)
     written = read_json(out / "upcycle_recipe.json")
     assert written["seed"] == 9 and written["layers"] == "0,2" and written["shared_experts"] == 1
     assert logit_diff(work, "qwen2", out) <= 1e-4
-    again, _ = convert(work, "qwen2", "--recipe", out / "upcycle_recipe.json")
+    assert written["calibration"] == work["text"].name  # published files hold no local path (issue 13)
+    again, _ = convert(work, "qwen2", "--recipe", out / "upcycle_recipe.json", "--calibration", work["text"])
     assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
 
 
