@@ -9,7 +9,9 @@ them flat again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +74,7 @@ def check_field_types(recipe: "Recipe") -> None:
     Raises :class:`RecipeError` naming the field: a NaN ``router_std`` would otherwise make an all-NaN
     model that compares as "exact", and ``num_experts: "8"`` would fail deep inside planning.
     """
-    hints = typing.get_type_hints(type(recipe))
+    hints = _hints(type(recipe))
     for f in dataclasses.fields(recipe):
         if f.name in _UNCHECKED:
             continue
@@ -88,13 +90,18 @@ def check_field_types(recipe: "Recipe") -> None:
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                dict: "a mapping", type(None): "null", list: "a list"}
 #: fields that accept more than their annotation says
-_KINDS = {"max_shard_size": (str, int), "layers": (str, int, list)}
+_KINDS = {"max_shard_size": (str, int), "layers": (str, int, list, tuple)}
 _UNCHECKED = ("method_options",)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _allowed(hint: Any) -> tuple[type, ...]:
     origin = typing.get_origin(hint)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] or X | None
         return tuple(k for arg in typing.get_args(hint) for k in _allowed(arg))
     if hint is float:
         return (int, float)
