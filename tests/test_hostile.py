@@ -338,6 +338,41 @@ def test_free_space_checked_before_writing(tmp_path, llama, monkeypatch):
     assert "nothing was written" in line
 
 
+def test_huge_expert_count_refused_for_space_before_it_is_planned(tmp_path, llama, monkeypatch):
+    import upcycle.io.atomic as atomic
+    import upcycle.plan as plan_module
+
+    planned = []
+    real = plan_module.make_plan
+
+    def counting(config, infos, recipe, *args, **kwargs):
+        planned.append(recipe.num_experts)
+        return real(config, infos, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "make_plan", counting)
+    monkeypatch.setattr(atomic, "free_bytes", lambda folder: 10**9)
+    start = time.monotonic()
+    line = refused(llama, tmp_path / "moe", "not enough free space", args=["-e", "1000000", "-k", "2"])
+    assert time.monotonic() - start < 30 and max(planned) <= 3, planned  # only the two small plans were made
+    need = int(line.split("needs about ")[1].split("(")[1].split(" bytes")[0])
+    assert need > 10**9
+
+
+@pytest.mark.parametrize("args", [dict(num_experts=300, top_k=2),
+                                  dict(num_experts=300, top_k=3, method="split", granularity=4, shared_experts=1),
+                                  dict(num_experts=301, top_k=1, max_shard_size="200KB")])
+def test_output_size_estimate_matches_the_plan(llama, args):
+    from upcycle.convert import build_recipe, estimate_output_bytes
+    from upcycle.io import open_source
+    from upcycle.plan import make_plan
+
+    src = open_source(str(llama))
+    config, recipe = src.load_config(), build_recipe(None, **args)
+    actual = make_plan(config, src.infos, recipe).summary()["output_bytes"]
+    estimate = estimate_output_bytes(config, src.infos, recipe)
+    assert abs(estimate - actual) <= 64 * 1024 and abs(estimate - actual) / actual < 0.001, (estimate, actual)
+
+
 def test_huge_layer_range_refused(tmp_path, llama):
     start = time.monotonic()
     refused(llama, tmp_path / "moe", "--layers", "no layer 3", args=["--layers", "0-1000000000000000"])

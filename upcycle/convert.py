@@ -60,7 +60,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     ``push_to_hub`` then uploads it to that Hub repo (see :func:`upcycle.hub_push.push`).
     """
     from .io import open_source
-    from .io.atomic import atomic_folder, check_output
+    from .io.atomic import atomic_folder, check_free_space, check_output
     from .io.config_check import check_required_tensors
     from .plan import make_plan
 
@@ -76,6 +76,8 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     if not dry_run:
         check_output(output, force, getattr(src, "file", src.folder))
     config = src.load_config()
+    if not dry_run and recipe.num_experts > MANY_EXPERTS:  # refused for lack of space before the big plan is made
+        check_free_space(output, estimate_output_bytes(config, src.infos, recipe))
     plan = make_plan(config, src.infos, recipe)
     check_required_tensors(config, src.infos, src.spec)  # after make_plan: an unknown family is reported first
     calibration_ids = _calibration_ids(src, recipe)
@@ -93,6 +95,27 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     if push_to_hub:
         result.pushed = _push(output, push_to_hub, hub_private, hub_token, quiet)
     return result
+
+
+#: above this many experts, the output size is worked out from two small plans before the real one is made
+MANY_EXPERTS = 256
+
+
+def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
+    """About the bytes ``recipe`` writes, without planning all its experts: every expert (one virtual group
+    of them for ``split``) adds the same router rows and expert tensors, so the size is affine in the expert
+    count and two plans with the fewest experts the recipe allows give it (to within the few header bytes
+    that longer expert numbers take). Planning memory and time grow with the expert count; this lets a
+    huge ``--num-experts`` be refused for lack of space before that."""
+    from .plan import make_plan
+
+    group = recipe.option("granularity") - recipe.option("shared_experts") if recipe.method == "split" else 1
+    first = max(group, -(-recipe.top_k // group) * group)
+    if recipe.num_experts <= first + group:
+        return make_plan(config, infos, recipe).summary()["output_bytes"]
+    small, larger = (make_plan(config, infos, recipe.replace(num_experts=n)).summary()["output_bytes"]
+                     for n in (first, first + group))
+    return small + (larger - small) * ((recipe.num_experts - first) // group)
 
 
 def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):

@@ -67,7 +67,7 @@ def atomic_folder(output: Path, force: bool = False, need_bytes: Optional[int] =
         remove_dead_leftovers(parent, output.name, notify)
         check_output(output, force)  # again, now that no other run can claim it
         if need_bytes is not None:
-            check_free_space(parent, output, need_bytes + METADATA_ALLOWANCE)
+            check_free_space(output, need_bytes)
         try:
             tmp = parent / f".{output.name}.upcycle-tmp-{_run_tag()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -108,9 +108,12 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def check_free_space(parent: Path, output: Path, need: int) -> None:
-    """Refuse (before anything is written) when ``parent``'s file system has fewer than ``need`` bytes free."""
-    free = free_bytes(parent)
+def check_free_space(output: Path, planned: int) -> None:
+    """Refuse (before anything is written) when the file system ``output`` goes to has less free than the
+    ``planned`` shard bytes plus :data:`METADATA_ALLOWANCE`."""
+    output = Path(output).absolute()
+    parent = next(p for p in output.parents if p.exists())
+    need, free = planned + METADATA_ALLOWANCE, free_bytes(parent)
     if need > free:
         raise WriteError(f"not enough free space for {output}: it needs about {_size(need)} ({need} bytes), "
                          f"the file system of {parent} has {_size(free)} ({free} bytes) free; free some space, "
