@@ -284,6 +284,18 @@ def test_symlink_to_a_file_outside_the_folder_refused(tmp_path, llama, private_m
     refused(folder, tmp_path / "moe", "outside the model folder")
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json", "config.json"])
+def test_metadata_file_linking_outside_the_folder_refused(tmp_path, llama, name):
+    """A tokenizer (or config) file that links to a private file would be copied into a published output."""
+    secret = tmp_path / "home" / "alice" / ".ssh" / "secret.json"
+    secret.parent.mkdir(parents=True)
+    secret.write_text((llama / name).read_text())
+    folder = copy(llama, tmp_path / "hostile")
+    (folder / name).unlink()
+    (folder / name).symlink_to(secret)
+    refused(folder, tmp_path / "moe", name, "outside the model folder")
+
+
 @pytest.mark.parametrize("index", [[1, 2], {"weight_map": ["a"]}, {"weight_map": {"model.norm.weight": 3}},
                                    {"weight_map": {"model.norm.weight": None}}, "not an index"])
 def test_malformed_index_refused(tmp_path, llama, index):

@@ -56,10 +56,12 @@ class DenseSource(ABC):
 
     def save_tokenizer(self, dest: Path) -> list[str]:
         """Copy the tokenizer files next to the output; returns what was written."""
+        from ..checkpoint import inside_folder
+
         written = []
         for name in TOKENIZER_FILES:
-            if (self.folder / name).is_file():
-                shutil.copyfile(self.folder / name, dest / name)
+            if (self.folder / name).is_file():  # a link to a file elsewhere (a private key, ...) is refused
+                shutil.copyfile(inside_folder(self.folder, name, str(self.folder)), dest / name)
                 written.append(name)
         return written
 
@@ -68,5 +70,8 @@ class DenseSource(ABC):
         from transformers import GenerationConfig
 
         if (self.folder / "generation_config.json").is_file():
+            from ..checkpoint import inside_folder
+
+            inside_folder(self.folder, "generation_config.json", str(self.folder))
             return GenerationConfig.from_pretrained(self.folder)
         return GenerationConfig.from_model_config(config)
