@@ -27,8 +27,9 @@ def _dense_logits(path) -> torch.Tensor:
 
 
 _LOAD = """
-import json, sys, importlib.util, torch
+import json, sys, importlib.util
 {prelude}
+import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, {kwargs}).eval()
 with torch.no_grad():
@@ -58,7 +59,8 @@ def bundled(tmp_path_factory):
 def test_auto_class_resolves_after_import_upcycle(bundled, tmp_path):
     """Plain AutoModelForCausalLM.from_pretrained, no trust_remote_code: the installed class is used."""
     dense, moe = bundled
-    prelude = "import upcycle\nassert 'torch' not in sys.modules or True"
+    # ``import upcycle`` must stay torch-free (it only hooks transformers' Auto modules for later).
+    prelude = "import upcycle\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     script = _LOAD.format(prelude=prelude, kwargs="")
     info = _run([sys.executable, "-c", script, str(moe), json.dumps(IDS), str(tmp_path / "l.pt")], ROOT, tmp_path)
     assert info["module"] == "upcycle.modeling.modeling_upcycle_moe"

@@ -44,7 +44,11 @@ def atomic_folder(output: Path, force: bool = False) -> Iterator[Path]:
         if output.exists():
             old = parent / f".{output.name}.upcycle-old-{uuid.uuid4().hex[:8]}"
             os.rename(output, old)
-            os.rename(tmp, output)
+            try:
+                os.rename(tmp, output)
+            except BaseException:
+                os.rename(old, output)  # the old output goes back under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, output)
