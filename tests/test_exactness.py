@@ -49,7 +49,7 @@ def test_inexact_router_is_recorded_inexact(tmp_path):
     text = tmp_path / "calibration.txt"
     text.write_text(" ".join(f"the w{i % 50} of w{i % 13}" for i in range(300)))
     moe = tmp_path / "moe"
-    result = run_cli("convert", dense, moe, "--method", "split", "-g", "4", "-e", "4", "-k", "2",
+    result = run_cli("convert", dense, moe, "--method", "split", "-g", "2", "-e", "4", "-k", "2",
                      "--router-init", "centroid", "--calibration", text, "--allow-inexact", "--no-verify", "-q")
     assert result.exit_code == 0, result.output
     recipe = json.loads((moe / "upcycle_recipe.json").read_text())
@@ -61,7 +61,7 @@ def test_exact_split_is_recorded_exact(tmp_path):
     """The same split with its exactness-keeping router (virtual groups whole) is exact, and says so."""
     dense = make_dense("llama", tmp_path / "dense")
     moe = tmp_path / "moe"
-    result = run_cli("convert", dense, moe, "--method", "split", "-g", "4", "-e", "4", "-k", "4", "-q", "--no-verify")
+    result = run_cli("convert", dense, moe, "--method", "split", "-g", "2", "-e", "4", "-k", "2", "-q", "--no-verify")
     assert result.exit_code == 0, result.output
     assert json.loads((moe / "upcycle_recipe.json").read_text())["upcycle"]["exact"] is True
     assert max_logit_diff(dense, moe) <= EXACT_ATOL
