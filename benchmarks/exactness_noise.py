@@ -2,7 +2,7 @@
 
 For every family of tests/factories.py: a tiny dense model, its exact 4-expert top-2 MoE (default
 target), then max |Δlogit| (dense vs MoE, random ids) as converted ("noise") and after giving one
-expert's down projection a 1e-3 relative error (each element times 1 +- 1e-3) ("one_expert_1e-3", each of the 4 experts of layer 0 in turn). Writes benchmarks/results/exactness_noise.json;
+expert's down projection a 1e-3 relative error (each element times 1 +- 1e-3) ("one_expert_1e-3", each of the 4 experts of layer 0 in turn). Writes benchmarks/results/exactness_noise-COMMIT.json;
 docs/testing.md is rendered from it (benchmarks/render_docs.py).
 
     python benchmarks/exactness_noise.py
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "exactness_noise.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
     args = parser.parse_args()
 
     import torch
@@ -50,8 +50,8 @@ def main() -> None:
             rows[family] = {"noise": noise, "one_expert_1e-3": broken, "smallest_routed_break": min(routed)}
             print(f"{family:18s} noise {noise:.2e}   one expert 1e-3 {min(routed):.2e} .. {max(routed):.2e}",
                   flush=True)
-    write_result(args.out, "exactness_noise", {"experts": 4, "top_k": 2, "dtype": "float32",
-                                               "command": "python benchmarks/exactness_noise.py"}, rows)
+    print(write_result("exactness_noise", {"experts": 4, "top_k": 2, "dtype": "float32", "threads": 1,
+                                           "command": "python benchmarks/exactness_noise.py"}, rows, args.out))
 
 
 if __name__ == "__main__":

@@ -42,8 +42,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}"
 
 
-def write_result(path: str | Path, name: str, settings: dict[str, Any], rows: Any) -> dict[str, Any]:
-    """Write one benchmark's results with commit, machine and UTC date; returns what was written."""
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def write_result(name: str, settings: dict[str, Any], rows: Any, folder: str | Path = RESULTS) -> Path:
+    """Write one benchmark's results with commit, machine and UTC time to ``folder/NAME-COMMIT.json``
+    (benchmarks/render_docs.py renders the docs from the newest file of each benchmark); returns the path."""
     import torch
     import transformers
 
@@ -51,11 +55,12 @@ def write_result(path: str | Path, name: str, settings: dict[str, Any], rows: An
         "benchmark": name,
         "commit": _commit(),
         "machine": machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "settings": settings,
         "rows": rows,
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    path = Path(folder) / f"{name}-{result['commit']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli
-from factories import CONFIGS, make_dense, save_tiny_tokenizer
+from factories import CONFIGS, EXACT_ATOL, make_dense, save_tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -47,7 +47,7 @@ def test_verify_exact_conversion(pair):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["exact_expected"] is True and report["passed"] is True
-    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["max_abs_logit_diff"] <= EXACT_ATOL
     assert 0 <= report["mean_kl"] < 1e-6
     assert report["greedy_match"] == 1.0 and report["greedy_token_agreement"] == 1.0
     assert report["num_prompts"] == len(report["per_prompt"]) >= 1 and report["max_new_tokens"] == 4
@@ -137,7 +137,7 @@ def test_verify_random_ids_without_tokenizer(tmp_path):
     result = _verify(dense, tmp_path / "moe")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    assert report["passed"] and report["max_abs_logit_diff"] <= EXACT_ATOL
     assert all("random token ids" in p["prompt"] for p in report["per_prompt"])
     (tmp_path / "p.txt").write_text("hello\n")
     needs = run_cli("verify", dense, tmp_path / "moe", "--prompts", tmp_path / "p.txt", "-q")
