@@ -159,6 +159,18 @@ def exactness_noise(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def smollm2_noise(results: dict) -> str:
+    r = results["smollm2_noise"][-1]
+    out = [f"{_stamp(r)}; {r['machine']}; `{r['settings']['command']}` ({r['settings']['prompts']} prompts, "
+           f"{r['settings']['max_new_tokens']} greedy tokens, {r['settings']['dtype']})\n",
+           "| case | max \\|Δlogit\\| | mean KL | greedy prompts identical | verify |", "|---|---|---|---|---|"]
+    for case, x in r["rows"].items():
+        verdict = ("PASS" if x["passed"] else "FAIL") if x["exact_expected"] else "measured (inexact)"
+        out.append(f"| {case} | {_sci(x['max_abs_logit_diff'])} | {_sci(x['mean_kl'])} | "
+                   f"{x['greedy_match']:.0%} | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
 def readme(results: dict) -> str:
     conv = results["convert_synthetic"][-1]
     runs = conv["rows"]["runs"]
@@ -182,7 +194,7 @@ def readme(results: dict) -> str:
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "convert_synthetic": convert_synthetic, "write_modes": write_modes, "e2e_smollm2": e2e_smollm2,
     "bench_methods": bench_methods, "kmeans_at_1b": kmeans_at_1b, "smollm2_split_exact": smollm2_split_exact,
-    "exactness_noise": exactness_noise, "readme": readme,
+    "exactness_noise": exactness_noise, "smollm2_noise": smollm2_noise, "readme": readme,
 }
 
 
@@ -192,7 +204,11 @@ def render_page(text: str, results: dict) -> str:
         name = m.group("name")
         if name not in RENDERERS:
             raise SystemExit(f"unknown generated block {name!r}; known: {', '.join(RENDERERS)}")
-        return m.group(1) + RENDERERS[name](results) + m.group(4)
+        try:
+            body = RENDERERS[name](results)
+        except KeyError as missing:
+            body = f"_No results for {missing} in benchmarks/results/ yet._\n"
+        return m.group(1) + body + m.group(4)
 
     return BLOCK.sub(fill, text)
 
