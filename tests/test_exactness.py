@@ -57,6 +57,22 @@ def test_inexact_router_is_recorded_inexact(tmp_path):
     assert max_logit_diff(dense, moe) > 1e-3
 
 
+@pytest.mark.parametrize("args", [
+    ("--method", "drop"),                                      # the method is not exact
+    ("--noise-std", "0.01"),                                   # an exact method with noise
+    ("--method", "split", "-g", "2", "-e", "4", "-k", "1"),    # top-k splits a virtual group: the layers are not
+])
+def test_every_inexact_recipe_is_recorded_inexact(tmp_path, args):
+    """Each term of the exactness decision on its own: with --allow-inexact --no-verify nothing measures
+    the output, so the recipe's exact flag is all the user has."""
+    dense = make_dense("llama", tmp_path / "dense")
+    moe = tmp_path / "moe"
+    result = run_cli("convert", dense, moe, "-e", "4", "-k", "2", *args, "--allow-inexact", "--no-verify", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((moe / "upcycle_recipe.json").read_text())["upcycle"]["exact"] is False
+    assert max_logit_diff(dense, moe) > EXACT_ATOL
+
+
 def test_exact_split_is_recorded_exact(tmp_path):
     """The same split with its exactness-keeping router (virtual groups whole) is exact, and says so."""
     dense = make_dense("llama", tmp_path / "dense")
