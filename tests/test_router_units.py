@@ -58,6 +58,24 @@ def test_virtual_group_rows_are_orthogonal_scaled_and_shared():
     assert torch.allclose(gram, torch.eye(3) * norm2, atol=1e-6)
 
 
+def test_virtual_group_router_is_seeded():
+    build = get_router_init("virtual-group").build
+    assert torch.equal(build(_ctx(seed=1, hidden=64)), build(_ctx(seed=1, hidden=64)))
+    assert not torch.equal(build(_ctx(seed=1, hidden=64)), build(_ctx(seed=2, hidden=64)))
+
+
+@pytest.mark.parametrize("hidden", [3, 2])
+def test_virtual_group_rows_with_as_many_or_more_groups_than_dimensions(hidden):
+    """As many groups as dimensions: still orthogonal (a square Q); more: random rows, still scaled."""
+    router = get_router_init("virtual-group").build(_ctx(seed=1, hidden=hidden))
+    unique = router[[0, 2, 4]]
+    norm = 0.02 * hidden ** 0.5
+    assert router.shape == (len(GROUPS), hidden) and _shares_rows_within_groups(router)
+    assert torch.allclose(unique.norm(dim=1), torch.full((3,), norm))
+    if hidden == 3:
+        assert torch.allclose(unique @ unique.t(), torch.eye(3) * norm ** 2, atol=1e-6)
+
+
 def test_zeros_router():
     router = get_router_init("zeros").build(_ctx())
     assert router.shape == (len(GROUPS), HIDDEN) and router.dtype == torch.float32 and not router.any()
@@ -70,6 +88,8 @@ def test_kmeans_router_uses_the_centroids_of_its_layer():
     assert torch.allclose(router, expected[GROUPS])
     with pytest.raises(ValueError, match="layer 3"):
         get_router_init("kmeans").build(_ctx(hidden=2, data=LayerData(lambda p: None, hidden_centroids=centroids[:2])))
+    with pytest.raises(ValueError, match="were not collected"):
+        get_router_init("kmeans").build(_ctx(hidden=2, data=None))
 
 
 @pytest.mark.parametrize("projections", [("gate", "up", "down"), ("up", "down")])
