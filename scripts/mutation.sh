@@ -24,7 +24,7 @@ fast_exact=(tests/test_exactness.py::test_inexact_router_is_recorded_inexact
 case "$target" in
   atomic)  mutate="upcycle/io/atomic.py";          tests=(tests/test_atomic.py tests/test_errors.py) ;;
   plan)    mutate="upcycle/plan.py";               tests=(tests/test_exactness.py tests/test_method_units.py) ;;
-  experts) mutate="upcycle/experts/*";             tests=(tests/test_method_units.py "${fast_exact[@]}") ;;
+  experts) mutate="upcycle/experts/*";             tests=(tests/test_expert_units.py tests/test_method_units.py "${fast_exact[@]}") ;;
   routers) mutate="upcycle/routers/*";             tests=(tests/test_router_units.py tests/test_method_units.py "${fast_exact[@]}") ;;
   targets) mutate="upcycle/targets/*";             tests=(tests/test_exact_native.py tests/test_families_native.py) ;;
   train)   mutate="upcycle/train/run.py";          tests=(tests/test_train.py) ;;
