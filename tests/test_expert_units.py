@@ -64,9 +64,13 @@ def _recipe(**kw):
      r"e\.g\. 6$"),
     (SplitOptions(granularity=4), _recipe(top_k=2),
      r"^--top-k 2 must be a multiple of the routed segments per virtual group \(granularity 4 = 4\) for the split "
-     r"to be exact .*use --top-k 4, or pass --allow-inexact"),
+     r"to be exact \(top-k then picks whole virtual groups\); use --top-k 4, or pass --allow-inexact to accept a "
+     r"model that deviates from the dense one$"),
+    (SplitOptions(granularity=4), _recipe(top_k=6), r"use --top-k 4, or pass"),
+    (SplitOptions(granularity=4, shared_experts=1), _recipe(num_experts=4), r"; e\.g\. 3$"),
     (SplitOptions(granularity=2), _recipe(router_init="centroid"),
-     r"^--router-init centroid gives each expert its own router row"),
+     r"^--router-init centroid gives each expert its own router row, which breaks the exact virtual-group split "
+     r"\(experts of a group must share a row\); use virtual-group, normal, zeros or kmeans, or pass --allow-inexact$"),
 ])
 def test_split_options_refuse_with_one_clear_message(options, recipe, message):
     with pytest.raises(RecipeError, match=message):
@@ -88,6 +92,15 @@ def test_split_options_know_what_data_their_strategy_needs():
     assert SplitOptions(split_strategy="kmeans").calibration_reasons() == []
     assert SplitOptions(split_strategy="kmeans").needs_weights() is True
     assert SplitOptions(split_strategy="contiguous").needs_weights() is False
+    assert DropOptions().needs_weights() is False  # replicate-like methods read no weights while planning
+
+
+def test_split_random_strategy_follows_the_seed():
+    build = get_method("split").build
+    shards = [[sl.neurons.tolist() for sl in build(_ctx(SplitOptions(granularity=4, split_strategy="random"), seed=s)).experts]
+              for s in (1, 1, 2)]
+    assert shards[0] == shards[1] and shards[0] != shards[2]
+    assert sorted(sum(shards[0][:4], [])) == list(range(12))
 
 
 def test_drop_redraws_its_ratio_of_neurons_differently_per_expert():
@@ -98,7 +111,14 @@ def test_drop_redraws_its_ratio_of_neurons_differently_per_expert():
     assert len({tuple(d.tolist()) for d in drawn}) == 4 and len({sl.seed for sl in layer.experts}) == 4
     again = get_method("drop").build(_ctx(DropOptions(drop_ratio=0.25), num_experts=4, top_k=2, dense=40))
     assert [sl.seed for sl in again.experts] == [sl.seed for sl in layer.experts]
+    assert all(torch.equal(a.reinit, b.reinit) for a, b in zip(again.experts, layer.experts))
+    assert min(sl.seed for sl in layer.experts) > 2**20  # seeds drawn from [0, 2**62)
     assert get_method("drop").build(_ctx(DropOptions(drop_ratio=0.0), num_experts=2, top_k=1)).exact is True
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0, 1])
+def test_drop_ratio_bounds_are_accepted(ratio):
+    DropOptions(drop_ratio=ratio).check(_recipe())
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.5, True, "0.5"])
@@ -113,7 +133,7 @@ def test_noise_gives_each_expert_its_own_seed_and_makes_the_layer_inexact():
     noisy = add_noise(layer, 0.01, torch.Generator().manual_seed(0))
     assert noisy.exact is False and all(sl.noise_std == 0.01 for sl in noisy.experts)
     seeds = [sl.seed for sl in noisy.experts]
-    assert seeds[2] == 7 and seeds[0] != seeds[1] and min(seeds) > 0
+    assert seeds[2] == 7 and seeds[0] != seeds[1] and min(seeds[:2]) > 2**20  # drawn from [0, 2**62)
     assert [sl.seed for sl in add_noise(layer, 0.01, torch.Generator().manual_seed(0)).experts] == seeds
 
 
