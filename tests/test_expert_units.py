@@ -140,3 +140,17 @@ def test_noise_gives_each_expert_its_own_seed_and_makes_the_layer_inexact():
 def test_unknown_method_names_the_flag():
     with pytest.raises(RecipeError, match=r"^unknown --method 'nope'; available: drop, replicate, split"):
         get_method("nope")
+
+
+def test_split_hands_the_layer_data_to_its_strategy():
+    """Without the data, a data-aware strategy falls back to the dry-run (contiguous) cut: still exact,
+    silently not what was asked for."""
+    from test_method_units import _planted_layer
+
+    data, truth = _planted_layer()
+    ctx = MethodContext(layer=0, dense_size=24, hidden_size=16, num_experts=4, top_k=4,
+                        generator=torch.Generator().manual_seed(0), options=SplitOptions(granularity=4, split_strategy="activation"),
+                        data=data)
+    layer = get_method("split").build(ctx)
+    assert all(truth[sl.neurons].unique().numel() == 1 for sl in layer.experts)
+    assert sorted(torch.cat([sl.neurons for sl in layer.experts]).tolist()) == list(range(24))
