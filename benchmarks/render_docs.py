@@ -160,14 +160,16 @@ def exactness_noise(results: dict) -> str:
 
 
 def smollm2_noise(results: dict) -> str:
-    r = results["smollm2_noise"][-1]
-    out = [f"{_stamp(r)}; {r['machine']}; `{r['settings']['command']}` ({r['settings']['prompts']} prompts, "
-           f"{r['settings']['max_new_tokens']} greedy tokens, {r['settings']['dtype']})\n",
-           "| case | max \\|Δlogit\\| | mean KL | greedy prompts identical | verify |", "|---|---|---|---|---|"]
-    for case, x in r["rows"].items():
-        verdict = ("PASS" if x["passed"] else "FAIL") if x["exact_expected"] else "measured (inexact)"
-        out.append(f"| {case} | {_sci(x['max_abs_logit_diff'])} | {_sci(x['mean_kl'])} | "
-                   f"{x['greedy_match']:.0%} | {verdict} |")
+    """Every case measured, from every results file (a run may measure some cases only), newest last."""
+    runs = results["smollm2_noise"]
+    out = [f"{r['machine']}; `{runs[-1]['settings']['dtype']}`, {runs[-1]['settings']['prompts']} prompts, "
+           f"{runs[-1]['settings']['max_new_tokens']} greedy tokens.\n" for r in runs[-1:]]
+    out += ["| case | max \\|Δlogit\\| | mean KL | greedy prompts identical | verify | measured |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        for case, x in r["rows"].items():
+            verdict = ("PASS" if x["passed"] else "FAIL") if x["exact_expected"] else "measured (inexact)"
+            out.append(f"| {case} | {_sci(x['max_abs_logit_diff'])} | {_sci(x['mean_kl'])} | {x['greedy_match']:.0%} | "
+                       f"{verdict} | commit {r['commit']}, {r['date'][:10]}, `benchmarks/results/{r['file']}` |")
     return "\n".join(out) + "\n"
 
 

@@ -35,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/smollm2-noise"))
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--cases", default="", help="only the cases whose name contains this")
     args = ap.parse_args()
 
     from factories import perturb_one_expert
@@ -53,22 +54,24 @@ def main() -> None:
                                                           calibration=str(ROOT / "README.md")),
     }
     rows = {}
+    settings = {"source": gguf.name, "dtype": "float32", "max_new_tokens": args.max_new_tokens, "prompts": "5 default",
+                "command": "nice python benchmarks/smollm2_noise.py" + (f" --cases '{args.cases}'" if args.cases else "")}
     try:
-        for name, recipe in cases.items():
+        for name, recipe in ((n, r) for n, r in cases.items() if args.cases in n):
             out = work / "moe"
             shutil.rmtree(out, ignore_errors=True)
             upcycle.convert(gguf, out, dtype="float32", quiet=True, verify=False, **recipe)
             rows[name] = _measure(gguf, out, args.max_new_tokens)
             print(name, rows[name], flush=True)
+            write_result("smollm2_noise", settings, rows)  # after every case: a killed run keeps what it measured
             if name.startswith("replicate"):
                 key = perturb_one_expert(out, expert=0, rel=1e-3, layer=15)
                 label = "replicate e8 k2, expert 0 of layer 15 with a 1e-3 relative error"
                 rows[label] = {**_measure(gguf, out, args.max_new_tokens), "perturbed": key}
                 print(label, rows[label], flush=True)
+                write_result("smollm2_noise", settings, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    settings = {"source": gguf.name, "dtype": "float32", "max_new_tokens": args.max_new_tokens, "prompts": "5 default",
-                "command": "nice python benchmarks/smollm2_noise.py"}
     print(write_result("smollm2_noise", settings, rows))
 
 
