@@ -173,6 +173,11 @@ def smollm2_noise(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _span(values: list[float]) -> str:
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+    return low if low == high else f"{low}-{high}"
+
+
 def readme(results: dict) -> str:
     conv = results["convert_synthetic"][-1]
     runs = conv["rows"]["runs"]
@@ -184,7 +189,7 @@ def readme(results: dict) -> str:
     s = bundled["settings"]
     return (
         f"- A synthetic 1.1B bf16 Llama into 8 experts ({runs[0]['output_bytes'] / 1e9:.1f} GB written) runs at "
-        f"{min(ratios):.2f}-{max(ratios):.2f}x the time `dd\n  conv=fsync` needs to write the same bytes, with "
+        f"{_span(ratios)}x the time `dd\n  conv=fsync` needs to write the same bytes, with "
         f"{rss / 1e9:.2f} GB peak RSS (shards are streamed with direct\n  I/O; unchanged tensors are copied as raw bytes). "
         f"`upcycle --help` starts in {conv['rows']['help_median_s']:.2f} s (commit {conv['commit']}, {conv['date'][:10]}).\n"
         f"- SmolLM2-135M (GGUF) into 8 experts: max |Δlogit| {smol['max_abs_logit_diff_fp32']:.1e} at fp32, greedy "
