@@ -221,6 +221,7 @@ def main() -> None:
     args = ap.parse_args()
 
     source, output = args.workdir / "dense", args.workdir / "moe"
+    load_start = os.getloadavg()[0]
     print(f"free disk under {args.workdir.parent}: {shutil.disk_usage(args.workdir.parent).free / 1e9:.1f} GB",
           file=sys.stderr)
     help_times = help_startup(args.help_runs)
@@ -257,7 +258,8 @@ def main() -> None:
         settings["command"] = "python benchmarks/convert_synthetic.py " + " ".join(sys.argv[1:])
         print(write_result("convert_synthetic", settings, {
             "runs": rows, "help_median_s": summary["help_median_s"], "help_min_s": min(help_times),
-            "help_max_s": max(help_times), "help_runs": len(help_times)}), file=sys.stderr)
+            "help_max_s": max(help_times), "help_runs": len(help_times),
+            "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)]}), file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
     print("\n| run | output | wall | dd floor (before / after) | wall / floor | peak RSS (rusage) | tree RSS (polled) |")
     print("|---|---|---|---|---|---|---|")

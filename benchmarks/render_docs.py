@@ -60,6 +60,8 @@ def convert_synthetic(results: dict) -> str:
         rows, s = r["rows"], r["settings"]
         label = f" ({s['label']})" if s.get("label") else ""
         load = f"; {s['load']}" if s.get("load") else ""
+        if rows.get("load_average"):
+            load = f"; load average {rows['load_average'][0]} at the start, {rows['load_average'][1]} at the end"
         out.append(f"**{_stamp(r)}**{label}{load}: `{s['command']}`\n")
         out.append("| run | output | wall | dd floor (before / after) | wall / floor | peak RSS (rusage) | RSS (polled) |")
         out.append("|---|---|---|---|---|---|---|")
