@@ -79,5 +79,6 @@ def test_exact_split_is_recorded_exact(tmp_path):
     moe = tmp_path / "moe"
     result = run_cli("convert", dense, moe, "--method", "split", "-g", "2", "-e", "4", "-k", "2", "-q", "--no-verify")
     assert result.exit_code == 0, result.output
-    assert json.loads((moe / "upcycle_recipe.json").read_text())["upcycle"]["exact"] is True
-    assert max_logit_diff(dense, moe) <= EXACT_ATOL
+    recorded = json.loads((moe / "upcycle_recipe.json").read_text())["upcycle"]
+    assert recorded["exact"] is True and max_logit_diff(dense, moe) <= EXACT_ATOL
+    assert (recorded["dense_ffn_size"], recorded["expert_size"], recorded["shared_expert_size"]) == (96, 48, 0)
