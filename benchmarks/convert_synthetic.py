@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from upcycle.io.safetensors_format import TensorSpec, encode_header, numel, write_tensor_bytes  # noqa: E402
+from results import write_result  # noqa: E402
 
 DD_BLOCK = 16 * 1024 * 1024
 TARGET_WALL_RATIO = 1.5
@@ -215,9 +216,12 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--json-out", type=Path, help="also write the results here")
+    ap.add_argument("--no-results", dest="results", action="store_false",
+                    help="do not write benchmarks/results/convert_synthetic-COMMIT.json (the docs are rendered from it)")
     args = ap.parse_args()
 
     source, output = args.workdir / "dense", args.workdir / "moe"
+    load_start = os.getloadavg()[0]
     print(f"free disk under {args.workdir.parent}: {shutil.disk_usage(args.workdir.parent).free / 1e9:.1f} GB",
           file=sys.stderr)
     help_times = help_startup(args.help_runs)
@@ -249,6 +253,13 @@ def main() -> None:
                "meets_help_target": statistics.median(help_times) < TARGET_HELP_S, "runs": rows}
     if args.json_out:
         args.json_out.write_text(json.dumps(summary, indent=2))
+    if args.results:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        settings["command"] = "python benchmarks/convert_synthetic.py " + " ".join(sys.argv[1:])
+        print(write_result("convert_synthetic", settings, {
+            "runs": rows, "help_median_s": summary["help_median_s"], "help_min_s": min(help_times),
+            "help_max_s": max(help_times), "help_runs": len(help_times),
+            "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)]}), file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
     print("\n| run | output | wall | dd floor (before / after) | wall / floor | peak RSS (rusage) | tree RSS (polled) |")
     print("|---|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -223,3 +224,43 @@ def max_logit_diff(dense_dir: Path, moe_dir: Path, seq_len: int = 24, batch: int
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+#: Tolerance of the exactness tests at fp32 on the tiny models (3 layers, hidden 64, |logits| ~ 1-10):
+#: 32 ulp of 1.0 in fp32 (32 x 1.19e-7). Measured (benchmarks/exactness_noise.py, docs/testing.md): the noise
+#: of an exact conversion is at most 1.5e-6 on every family, and a 1e-3 relative error in one routed expert
+#: moves the logits by more. The old 1e-4 passed such errors.
+EXACT_ATOL = 32 * 2.0 ** -23
+
+_EXPERT_DOWN = re.compile(r"\.layers?\.(\d+)\..*(experts\.(\d+)\.(down_proj|w2|fc2|c_proj)\.weight|output_linear\.weight)$")
+
+
+def expert_down_keys(state: dict, layer: int = 0) -> dict[int, str]:
+    """The down projection of each expert of MoE layer ``layer``: {expert: key}; a packed ``[E, ...]``
+    tensor (GraniteMoE) gives {-1: key}."""
+    found = {}
+    for key in state:
+        m = _EXPERT_DOWN.search(key.replace(".h.", ".layers."))
+        if m and int(m.group(1)) == layer:
+            found[int(m.group(3)) if m.group(3) is not None else -1] = key
+    return found
+
+
+def perturb_one_expert(moe_dir: Path, expert: int, rel: float = 1e-3, layer: int = 0) -> str:
+    """Give the down projection of ``expert`` in MoE layer ``layer`` a relative error ``rel`` in place: each
+    element times ``1 +- rel`` (random signs; in a packed ``[E, ...]`` tensor only that expert's slice);
+    returns the key changed."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(moe_dir) / "model.safetensors"
+    state = load_file(path)
+    keys = expert_down_keys(state, layer)
+    key = keys.get(expert, keys.get(-1))
+    assert key is not None, f"no down projection of expert {expert} in layer {layer}: {sorted(state)}"
+    tensor = state[key].clone()
+    part = tensor[expert] if -1 in keys else tensor
+    signs = torch.randint(0, 2, part.shape, generator=torch.Generator().manual_seed(expert)) * 2 - 1
+    part.mul_(1 + rel * signs)  # a uniform scale would vanish behind gemma2/3's post-FFN norm
+    state[key] = tensor
+    save_file(state, path, metadata={"format": "pt"})
+    return key

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from factories import make_dense, max_logit_diff, read_json
+from factories import EXACT_ATOL, make_dense, max_logit_diff, read_json
 
 import upcycle
 from upcycle import Recipe
@@ -28,7 +28,7 @@ def test_convert_returns_a_result(tmp_path, dense):
     assert (s["family"], s["target"], s["architecture"], s["exact"]) == ("mistral", "mixtral", "MixtralForCausalLM", True)
     assert s["num_experts"] == 4 and s["top_k"] == 2 and s["moe_layers"] == [0, 1, 2]
     assert s["output_bytes"] == (tmp_path / "moe" / "model.safetensors").stat().st_size
-    assert max_logit_diff(dense, tmp_path / "moe") <= 1e-4
+    assert max_logit_diff(dense, tmp_path / "moe") <= EXACT_ATOL
     # calling twice works (upcycle.convert stays the function after its module is imported)
     again = upcycle.convert(dense, tmp_path / "moe", num_experts=4, top_k=2, seed=1, quiet=True, force=True)
     assert again.summary == s
@@ -60,7 +60,7 @@ def test_verify_and_inspect(tmp_path, dense):
     upcycle.convert(dense, tmp_path / "moe", num_experts=4, top_k=2, quiet=True)
     report = upcycle.verify(dense, tmp_path / "moe", max_new_tokens=3, quiet=True)
     assert isinstance(report, upcycle.VerifyReport)
-    assert report.passed and report.exact_expected and report.max_abs_logit_diff <= 1e-4
+    assert report.passed and report.exact_expected and report.max_abs_logit_diff <= EXACT_ATOL
     assert report.greedy_match == 1.0 and report.dtype == "float32" and report.atol == 1e-3
     assert set(report.to_dict()) >= {"max_abs_logit_diff", "mean_kl", "greedy_match", "exact_expected", "passed"}
     bf16 = upcycle.verify(dense, tmp_path / "moe", max_new_tokens=0, dtype="bfloat16", quiet=True)

@@ -54,6 +54,30 @@ def test_failure_after_weights_leaves_nothing(tmp_path, dense, monkeypatch):
     assert_clean_error(run_cli("convert", dense, out, "-q"), out, "Input/output error")
 
 
+def test_force_keeps_the_old_output_until_the_new_one_is_in_place(tmp_path, dense, monkeypatch):
+    """``--force`` replaces the old output only by the final rename: when the run dies at the moment the
+    new folder would take the old one's name, the old output is still there, whole, under its name."""
+    import os
+
+    import upcycle.io.atomic as atomic
+
+    out = tmp_path / "moe"
+    assert run_cli("convert", dense, out, "-e", "2", "-k", "1", "-q").exit_code == 0
+    before = tree_hashes(out)
+    real = os.rename
+
+    def crash_on_swap(src, dst, *args, **kwargs):
+        if ".upcycle-tmp-" in Path(src).name and Path(dst) == out:
+            raise OSError(5, "Input/output error")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "rename", crash_on_swap)
+    result = run_cli("convert", dense, out, "-e", "4", "-k", "2", "-q", "--force")
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert tree_hashes(out) == before
+    assert leftovers(tmp_path) == []
+
+
 def test_nested_output_parent_is_created(tmp_path, dense):
     out = tmp_path / "a" / "b" / "moe"
     assert run_cli("convert", dense, out, "-e", "2", "-k", "1", "-q").exit_code == 0

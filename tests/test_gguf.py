@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli
-from factories import VOCAB, read_json
+from factories import EXACT_ATOL, VOCAB, read_json
 
 gguf = pytest.importorskip("gguf")
 
@@ -102,7 +102,7 @@ def test_gguf_source_is_exact(tmp_path, tiny_gguf, as_folder):
     dense = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).eval()
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    assert float((_logits(dense, ids) - _logits(moe, ids)).abs().max()) <= 1e-4
+    assert float((_logits(dense, ids) - _logits(moe, ids)).abs().max()) <= EXACT_ATOL
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
 
 
@@ -115,7 +115,7 @@ def test_gguf_verify_and_dry_run(tmp_path, tiny_gguf):
     result = run_cli("verify", tiny_gguf, out, "--json", "-q", "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["exact_expected"] and report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    assert report["exact_expected"] and report["passed"] and report["max_abs_logit_diff"] <= EXACT_ATOL
 
 
 def test_corrupt_gguf_names_the_file(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli
-from factories import CONFIGS, make_dense, save_tiny_tokenizer
+from factories import CONFIGS, EXACT_ATOL, make_dense, save_tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -47,7 +47,7 @@ def test_verify_exact_conversion(pair):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["exact_expected"] is True and report["passed"] is True
-    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["max_abs_logit_diff"] <= EXACT_ATOL
     assert 0 <= report["mean_kl"] < 1e-6
     assert report["greedy_match"] == 1.0 and report["greedy_token_agreement"] == 1.0
     assert report["num_prompts"] == len(report["per_prompt"]) >= 1 and report["max_new_tokens"] == 4
@@ -79,7 +79,27 @@ def test_verify_atol(tmp_path, pair):
     bad = _tampered(moe, tmp_path / "bad")
     diff = json.loads(_verify(dense, bad).stdout)["max_abs_logit_diff"]
     assert _verify(dense, bad, "--atol", str(diff * 2)).exit_code == 0
-    assert _verify(dense, moe, "--atol", "0").exit_code in (0, 1)  # runs; exactness may be bit-exact or not
+    strict = _verify(dense, bad, "--atol", str(diff / 2))
+    assert strict.exit_code == 1 and json.loads(strict.stdout)["passed"] is False
+
+
+@pytest.mark.parametrize("shift", [0.5, -0.5])
+def test_verify_catches_a_uniform_logit_shift(tmp_path, shift):
+    """Every logit moved by the same amount (phi's LM-head bias), up or down: greedy tokens and KL do
+    not see it, only the logit difference does, and only if it is taken in absolute value."""
+    dense = make_dense("phi", tmp_path / "dense")
+    result = run_cli("convert", dense, tmp_path / "moe", "-e", "2", "-k", "1", "-q", "--no-verify")
+    assert result.exit_code == 0, result.output
+    shifted = tmp_path / "shifted"
+    shutil.copytree(dense, shifted)
+    state = load_file(shifted / "model.safetensors")
+    state["lm_head.bias"] = state["lm_head.bias"] + shift
+    save_file(state, shifted / "model.safetensors", metadata={"format": "pt"})
+    result = _verify(shifted, tmp_path / "moe")
+    report = json.loads(result.stdout)
+    assert report["exact_expected"] is True and report["greedy_match"] == 1.0
+    assert report["max_abs_logit_diff"] == pytest.approx(0.5, abs=1e-4)
+    assert result.exit_code == 1 and report["passed"] is False
 
 
 def test_verify_without_exactness_claim_measures_only(tmp_path, pair):
@@ -117,7 +137,7 @@ def test_verify_random_ids_without_tokenizer(tmp_path):
     result = _verify(dense, tmp_path / "moe")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    assert report["passed"] and report["max_abs_logit_diff"] <= EXACT_ATOL
     assert all("random token ids" in p["prompt"] for p in report["per_prompt"])
     (tmp_path / "p.txt").write_text("hello\n")
     needs = run_cli("verify", dense, tmp_path / "moe", "--prompts", tmp_path / "p.txt", "-q")

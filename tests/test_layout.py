@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from checks import run_cli
-from factories import make_dense, max_logit_diff, read_json, save_tiny_tokenizer
+from factories import EXACT_ATOL, make_dense, max_logit_diff, read_json, save_tiny_tokenizer
 from safetensors import safe_open
 
 from upcycle import Recipe
@@ -74,7 +74,7 @@ def test_sharded_output_matches_save_pretrained_index(tmp_path):
     for key, file in index["weight_map"].items():  # the index tells the truth
         with safe_open(out / file, "pt") as f:
             assert key in f.keys()
-    assert max_logit_diff(dense, out) <= 1e-4
+    assert max_logit_diff(dense, out) <= EXACT_ATOL
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
@@ -122,7 +122,7 @@ def test_tied_source_with_lm_head_on_disk(tmp_path):
     (dense / "model.safetensors").unlink()
     out = _convert(dense, tmp_path / "moe")
     assert "lm_head.weight" not in _header(out)
-    assert max_logit_diff(dense, out) <= 1e-4
+    assert max_logit_diff(dense, out) <= EXACT_ATOL
 
 
 def test_metadata_files(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 import upcycle.experts
 from checks import run_cli
-from factories import make_dense, max_logit_diff
+from factories import EXACT_ATOL, make_dense, max_logit_diff
 from upcycle.errors import RecipeError
 from upcycle.recipe import Recipe
 from upcycle.registry import collect
@@ -58,7 +58,7 @@ def test_new_method_with_one_option_is_one_module(tmp_path, scaled_method):
     exact = tmp_path / "exact"
     result = run_cli("convert", str(dense), str(exact), "--method", "scaled", "-e", "2", "-k", "1", "-q")
     assert result.exit_code == 0, result.output
-    assert max_logit_diff(dense, exact) <= 1e-4
+    assert max_logit_diff(dense, exact) <= EXACT_ATOL
     recipe = json.loads((exact / "upcycle_recipe.json").read_text())
     assert recipe["method"] == "scaled" and recipe["scale"] == 1.0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli
-from factories import make_dense, max_logit_diff, read_json, save_tiny_tokenizer
+from factories import EXACT_ATOL, make_dense, max_logit_diff, read_json, save_tiny_tokenizer
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def reference(tmp_path_factory):
 def test_single_safetensors(reference):
     dense, moe = reference
     assert sorted(p.name for p in dense.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
-    assert max_logit_diff(dense, moe) <= 1e-4
+    assert max_logit_diff(dense, moe) <= EXACT_ATOL
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -102,7 +102,7 @@ def test_other_layouts_give_the_same_moe(tmp_path, reference, layout):
     result = run_cli("convert", source, out, "-e", "4", "-k", "2", "-q")
     assert result.exit_code == 0, result.output
     _assert_same_tensors(moe, out)
-    assert max_logit_diff(dense, out) <= 1e-4
+    assert max_logit_diff(dense, out) <= EXACT_ATOL
 
 
 def test_stale_rotary_buffers_are_dropped(tmp_path, reference):
@@ -209,7 +209,7 @@ def test_hub_repo_offline_subprocess(tmp_path, hub_cache):
     assert provenance["source"] == "org/tiny-llama" and provenance["source_commit"] == SHA_MAIN
     assert (out / "tokenizer.json").is_file()
     assert "base_model: org/tiny-llama" in (out / "README.md").read_text()
-    assert max_logit_diff(dense, out) <= 1e-4
+    assert max_logit_diff(dense, out) <= EXACT_ATOL
 
 
 @pytest.mark.parametrize("revision,sha", [("v1", SHA_V1), (SHA_V1, SHA_V1), ("main", SHA_MAIN)])
@@ -220,7 +220,7 @@ def test_hub_revision(tmp_path, offline_cache, revision, sha):
     assert result.exit_code == 0, result.output
     recipe = read_json(out / "upcycle_recipe.json")
     assert recipe["revision"] == revision and recipe["upcycle"]["source_commit"] == sha
-    assert max_logit_diff(dense_v1 if sha == SHA_V1 else dense_main, out) <= 1e-4
+    assert max_logit_diff(dense_v1 if sha == SHA_V1 else dense_main, out) <= EXACT_ATOL
 
 
 def test_hub_asks_only_for_needed_files(monkeypatch, offline_cache):

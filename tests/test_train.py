@@ -124,10 +124,21 @@ def test_lora_merges_into_the_native_class(work):
     assert any(not torch.equal(before[k], after[k]) for k in before if "experts" in k)
 
 
-def test_resume_continues_from_the_last_checkpoint(work):
+def test_resume_continues_from_the_last_checkpoint(work, monkeypatch):
+    """A run of 4 steps resumed to 6 takes only the 2 missing optimizer steps, starting at step 4 (a
+    restart from scratch would also report 6 steps, but take 6)."""
+    from upcycle.train.trainer import UpcycleTrainer
+
     _train(work, "resume", max_steps=4, save_steps=2)
+    taken, real = [], UpcycleTrainer.training_step
+
+    def counting(self, *args, **kwargs):
+        taken.append(self.state.global_step)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(UpcycleTrainer, "training_step", counting)
     result = _train(work, "resume", max_steps=6, save_steps=2, resume=True)
-    assert result.steps == 6
+    assert result.steps == 6 and taken == [4, 5]
     assert len(read_json(work["folder"] / "resume" / "upcycle_recipe.json")["upcycle"]["training"]) == 1
 
 
@@ -215,8 +226,7 @@ def test_gradient_accumulation_keeps_the_router_loss_weight(work):
 
 
 def test_bundled_model_trains_and_keeps_its_code(work, tmp_path):
-    """The bundled UpcycleMoeForCausalLM (when this checkout has it): trains, reloads, ships its code."""
-    pytest.importorskip("upcycle.modeling")
+    """The bundled UpcycleMoeForCausalLM: trains, reloads, ships its code."""
     from transformers import AutoModelForCausalLM
 
     moe = _moe(tmp_path, target="upcycle")

@@ -96,7 +96,11 @@ def _move_into_place(tmp: Path, output: Path, parent: Path, force: bool) -> None
         raise OutputExistsError(f"output folder {output} appeared while converting; nothing was written")
     old = parent / f".{output.name}.upcycle-old-{_run_tag()}-{uuid.uuid4().hex[:8]}"
     os.rename(output, old)
-    os.rename(tmp, output)
+    try:
+        os.rename(tmp, output)
+    except BaseException:
+        os.rename(old, output)  # the old output goes back under its name
+        raise
     if old.is_symlink():
         old.unlink()
     else:
