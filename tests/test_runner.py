@@ -1,0 +1,86 @@
+"""The layer-streaming runner computes what the full model computes: logits equal the full-model forward
+(max |Δ| <= 1e-5 at fp32) for every dense family and every MoE target of the support matrix, the bundled
+model included, while holding one decoder layer at a time."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import VOCAB, make_dense
+from test_bundled_exact import CASES as BUNDLED_CASES
+from test_exact_native import CASES as NATIVE_CASES
+from test_families_native import CASES as FAMILY_NATIVE_CASES
+from test_families_native import QWEN3_MIXED
+
+from upcycle.cli import cli
+from upcycle.runner import LayerCapError, MAX_LAYERS_ENV, forward_logits, open_streamed
+
+TARGETS = ([(family, overrides, "auto") for family, _, overrides in NATIVE_CASES + FAMILY_NATIVE_CASES]
+           + [("granite", {}, "granitemoeshared"), ("qwen3", QWEN3_MIXED, "dots1")]
+           + [(family, overrides, "upcycle") for family, overrides in BUNDLED_CASES])
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, VOCAB, (1, n), generator=gen) for n in (5, 19)] + [
+        torch.randint(0, VOCAB, (2, 11), generator=gen)]
+
+
+def _full_logits(path, batches):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(ids).logits for ids in batches]
+
+
+def _assert_streamed_equals_full(path, max_layers=1):
+    batches = _batches()
+    streamed = open_streamed(str(path), max_layers=max_layers)
+    got = forward_logits(streamed, batches)
+    assert streamed.peak_resident == 1
+    for want, have in zip(_full_logits(path, batches), got):
+        assert have.shape == want.shape
+        assert float((want - have).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted({c[0] for c in BUNDLED_CASES}))
+def test_dense_family_streams_exactly(tmp_path, family):
+    _assert_streamed_equals_full(make_dense(family, tmp_path / "dense"))
+
+
+@pytest.mark.parametrize("family,overrides,target", TARGETS,
+                         ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(TARGETS)])
+def test_moe_target_streams_exactly(tmp_path, family, overrides, target):
+    dense = make_dense(family, tmp_path / "dense", **overrides)
+    result = CliRunner().invoke(cli, ["convert", str(dense), str(tmp_path / "moe"), "-e", "4", "-k", "2", "-q",
+                                      "--no-verify", "--target", target])
+    assert result.exit_code == 0, result.output
+    _assert_streamed_equals_full(tmp_path / "moe")
+
+
+def test_layer_cap_refuses_a_second_resident_layer(tmp_path, monkeypatch):
+    dense = make_dense("llama", tmp_path / "dense")
+    monkeypatch.setenv(MAX_LAYERS_ENV, "1")
+    streamed = open_streamed(str(dense))
+    streamed.embed(_batches())
+    with streamed.layer(0):
+        with pytest.raises(LayerCapError, match="cap is 1"):
+            with streamed.layer(1):
+                pass
+    with streamed.layer(1):  # the first one was freed
+        assert all(p.device.type == "meta" for p in streamed.layers[0].parameters())
+
+
+def test_freed_layer_holds_no_memory(tmp_path):
+    dense = make_dense("qwen2", tmp_path / "dense")
+    streamed = open_streamed(str(dense))
+    streamed.embed(_batches())
+    with streamed.layer(2) as layer:
+        assert all(p.device.type == "cpu" for p in layer.parameters())
+    assert all(p.device.type == "meta" for p in streamed.model.parameters() if p is not None
+               and not any(p is q for q in _outside(streamed)))
+
+
+def _outside(streamed):
+    layers = {id(p) for p in streamed.layers.parameters()}
+    return [p for p in streamed.model.parameters() if id(p) not in layers]
