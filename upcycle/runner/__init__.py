@@ -5,7 +5,7 @@ Used by verify, calibration and ``inspect --routing``; see :mod:`upcycle.runner.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -13,7 +13,7 @@ from .device import DTYPES, MAX_LAYERS_ENV, LayerCapError, layer_cap, resolve_de
 from .streamed import StreamedModel, build_skeleton, decoder_layers
 
 __all__ = ["DTYPES", "MAX_LAYERS_ENV", "LayerCapError", "StreamedModel", "build_skeleton", "decoder_layers",
-           "forward_logits", "layer_cap", "resolve_device", "resolve_dtype"]
+           "forward_logits", "layer_cap", "lockstep", "resolve_device", "resolve_dtype"]
 
 
 def forward_logits(model: StreamedModel, batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -23,6 +23,23 @@ def forward_logits(model: StreamedModel, batches: list[torch.Tensor]) -> list[to
         with model.layer(index) as layer:
             hidden = model.run_layer(layer, index, hidden)
     return model.logits(hidden)
+
+
+def lockstep(models: list[StreamedModel], batches: list[torch.Tensor]
+             ) -> Iterator[tuple[int, list[list[torch.Tensor]]]]:
+    """Run several models on the same token ids layer by layer, one layer of each resident at a time.
+
+    Yields ``(layer, hidden)`` after each layer, ``hidden[m][b]`` being model ``m``'s output on batch ``b``;
+    the caller may compare or replace them. The last yield is layer ``num_layers - 1``; then call
+    ``model.logits(hidden[m])``.
+    """
+    hidden = [model.embed(batches) for model in models]
+    for index in range(max(model.num_layers for model in models)):
+        for m, model in enumerate(models):
+            if index < model.num_layers:
+                with model.layer(index) as layer:
+                    hidden[m] = model.run_layer(layer, index, hidden[m])
+        yield index, hidden
 
 
 def open_streamed(spec: str, *, device: str = "cpu", dtype: str = "float32", weights_dtype: Optional[str] = None,

@@ -30,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; a named device must be usable by torch here."""
     base = name.split(":")[0]
     if base not in DEVICES:
-        raise RecipeError(f"--device must be one of {', '.join(DEVICES)} (optionally cuda:N), got {name!r}")
+        raise RecipeError(f"--device {name!r} is not a device: use one of {', '.join(DEVICES)} (or cuda:N)")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
