@@ -53,12 +53,17 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verify/--no-verify", default=None,
-              help="Compare the MoE with the dense model before finishing.  [default: when it fits in RAM]")
+              help="Compare the MoE with the dense model, layer by layer, before finishing.  [default: on]")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where calibration and the check run: cpu, cuda, cuda:N, mps or auto.")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Precision of calibration and the check (not of the output: see --dtype).")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload the output to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @_user_errors
 def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_run: bool, as_json: bool,
-            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, **options: Any) -> None:
+            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, device: str,
+            compute_dtype: str, **options: Any) -> None:
     """Convert the dense model SOURCE (folder, .gguf file or Hub repo id) into an MoE at OUTPUT."""
     from .quiet import quiet_libraries
     from .convert import convert as run_convert
@@ -67,7 +72,8 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
         quiet_libraries()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
-                         push_to_hub=push_to_hub, hub_private=private, **options)
+                         push_to_hub=push_to_hub, hub_private=private, device=device, compute_dtype=compute_dtype,
+                         **options)
     s = result.summary
     if as_json:
         click.echo(json.dumps({**s, "output": str(result.output) if result.output else None,
