@@ -100,7 +100,8 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     if dry_run:
         return ConversionResult(None, summary, recipe, [], dry_run=True)
     if _needs_layer_data(recipe):
-        plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet))
+        plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet, device,
+                                                                     compute_dtype))
 
     with atomic_folder(output, force) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
@@ -150,7 +151,7 @@ def _needs_activations(recipe: Recipe) -> bool:
     return recipe.method == "split" and get_partition(recipe.split_strategy).needs_calibration
 
 
-def _layer_data(src, plan, calibration_ids, quiet: bool):
+def _layer_data(src, plan, calibration_ids, quiet: bool, device: str = "cpu", dtype: str = "float32"):
     """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
     from .calibration import collect_statistics
     from .layer_data import LayerData
@@ -159,7 +160,7 @@ def _layer_data(src, plan, calibration_ids, quiet: bool):
 
     stats = None
     if calibration_ids is not None:
-        stats = collect_statistics(src, plan, calibration_ids, quiet=quiet,
+        stats = collect_statistics(src, plan, calibration_ids, quiet=quiet, device=device, dtype=dtype,
                                    want_hidden=get_router_init(plan.recipe.router_init).needs_calibration,
                                    want_activations=_needs_activations(plan.recipe))
 

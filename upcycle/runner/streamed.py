@@ -201,11 +201,13 @@ class StreamedModel:
             release(module)
             self.resident.discard(index)
 
-    def run_layer(self, module: nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``module`` (layer ``index``, from :meth:`layer`) on every batch's hidden states."""
+    def run_layer(self, module: nn.Module, index: int, hidden: list[torch.Tensor], batch: int = 0
+                  ) -> list[torch.Tensor]:
+        """``module`` (layer ``index``, from :meth:`layer`) on the hidden states of the embedded batches
+        ``batch, batch + 1, ...`` (all of them by default)."""
         out = []
         with torch.no_grad():
-            for h, batch in zip(hidden, self._batches):
+            for h, batch in zip(hidden, self._batches[batch:]):
                 args, kwargs = batch.calls[index]
                 result = module(h, *args, **kwargs)
                 batch.tuple_output = isinstance(result, tuple)
