@@ -141,8 +141,12 @@ def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype
               help="PNG written by --routing (layers x experts).")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Sequence length for --routing.")
 @click.option("--max-tokens", type=int, default=65536, show_default=True, help="Tokens of --routing data to use.")
+@click.option("--device", default="cpu", show_default=True, help="--routing runs here: cpu, cuda, cuda:N, mps or auto.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Precision --routing runs in.")
 @_user_errors
-def inspect_cmd(path: str, as_json: bool, routing: str | None, heatmap: str, seq_len: int, max_tokens: int) -> None:
+def inspect_cmd(path: str, as_json: bool, routing: str | None, heatmap: str, seq_len: int, max_tokens: int,
+                device: str, dtype: str) -> None:
     """Describe the MoE checkpoint at PATH: layers, experts, parameters, bytes, recipe."""
     from .inspection import inspect as run_inspect
 
@@ -150,7 +154,7 @@ def inspect_cmd(path: str, as_json: bool, routing: str | None, heatmap: str, seq
     if routing:
         from .cli_train import routing_report
 
-        info["routing"] = routing_report(path, routing, heatmap, seq_len, max_tokens)
+        info["routing"] = routing_report(path, routing, heatmap, seq_len, max_tokens, device=device, dtype=dtype)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
