@@ -102,3 +102,23 @@ def test_teacher_forcing_when_the_models_do_not_fit(pair):
 def test_device_auto_runs(pair):
     code, report = _report(*pair, "--device", "auto")
     assert code == 0 and report["device"] in ("cpu", "cuda", "mps")
+
+
+def test_split_selections_are_counted(tmp_path):
+    """A fine-grained split reports how many router selections split a virtual group: none at fp32; a
+    router whose groups tie (rows of groups 0 and 1 made equal but listed apart) splits them."""
+    from upcycle.verify import split_selections
+
+    logits = torch.tensor([[3.0, 3.0, 2.0, 2.0, 1.0, 1.0],    # groups of 2: picks groups 0 and 1 whole
+                           [3.0, 3.0, 2.0, 0.5, 1.0, 1.0]])   # expert 2 without 3: group 1 split
+    assert split_selections(logits, 4, 2) == (1, 2)
+    dense = make_dense("llama", tmp_path / "dense")
+    result = run_cli("convert", dense, tmp_path / "moe", "-e", "8", "-k", "4", "--method", "split", "-g", "2",
+                     "-q", "--no-verify")
+    assert result.exit_code == 0, result.output
+    report = verify(dense, tmp_path / "moe", max_new_tokens=0, quiet=True)
+    assert report.passed and report.split_selections == 0 and report.router_selections == 3 * (5 + 11 + 17 + 23)
+    assert all(layer["split_selections"] == 0 for layer in report.per_layer)
+    replicate = tmp_path / "replicate"
+    assert run_cli("convert", dense, replicate, "-e", "4", "-k", "2", "-q", "--no-verify").exit_code == 0
+    assert verify(dense, replicate, max_new_tokens=0, quiet=True).split_selections is None

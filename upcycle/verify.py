@@ -43,7 +43,12 @@ class VerifyReport:
     first_broken_layer: Optional[int] = None
     device: str = "cpu"
     #: per decoder layer: max |Δ| of the hidden states after it, whether all were finite, whether it broke
+    #: (and, for a fine-grained split, ``split_selections`` of ``selections``)
     per_layer: list[dict[str, Any]] = field(default_factory=list)
+    #: fine-grained split only: token routings (over all layers) whose top-k splits a virtual group, which
+    #: breaks exactness (router logits of different groups rounding to the same value in bf16/fp16)
+    split_selections: Optional[int] = None
+    router_selections: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +74,9 @@ def report_text(report: VerifyReport) -> str:
                 default=None)
     layers = (f"\n  per layer: largest |Δhidden| {worst['max_abs_diff']:.3g} after layer {worst['layer']} of "
               f"{len(report.per_layer)}" if worst else "")
+    if report.split_selections:
+        layers += (f"\n  router: {report.split_selections} of {report.router_selections} selections split a virtual "
+                   f"group (router logits of different groups tie in {report.dtype}; see docs/methods.md)")
     return (f"{verdict}\n  max |Δlogit|: {report.max_abs_logit_diff:.3g} (atol {report.atol:g}, {report.dtype}, "
             f"{report.device})\n  mean KL: {report.mean_kl:.3g}\n  {greedy}{layers}")
 
@@ -186,22 +194,65 @@ def _layer_tolerance(atol: float, reference) -> float:
     return atol * max(1.0, float(reference))
 
 
-def _compare_layers(dense, moe, encoded, atol: float, quiet: bool) -> tuple[list[dict[str, Any]], list, list]:
-    """Both models layer by layer on every prompt: per-layer max |Δ hidden| and finiteness, then full logits."""
+def _split_groups(moe_path: Path) -> Optional[tuple[int, int, int]]:
+    """``(num_experts, top_k, group size)`` of a fine-grained split (virtual groups of 2+ experts), else None."""
+    recipe_path = moe_path / "upcycle_recipe.json"
+    if not recipe_path.is_file():
+        return None
+    recipe = json.loads(recipe_path.read_text())
+    if recipe.get("method") != "split":
+        return None
+    group = int(recipe.get("granularity", 1)) - int(recipe.get("shared_experts", 0))
+    return (int(recipe["num_experts"]), int(recipe["top_k"]), group) if group > 1 else None
+
+
+def split_selections(logits, top_k: int, group: int) -> tuple[int, int]:
+    """``(selections that split a virtual group, all selections)`` for router logits ``[T, E]``.
+
+    The experts are picked as the MoE classes pick them (top-k of the fp32 softmax of the logits); an exact
+    split needs every picked group whole. Groups are ``e // group``.
+    """
+    import torch
+
+    logits = logits.reshape(-1, logits.shape[-1])
+    chosen = logits.float().softmax(-1).topk(top_k, dim=-1).indices // group
+    per_group = torch.zeros(chosen.shape[0], logits.shape[-1] // group, dtype=torch.long)
+    per_group.scatter_add_(1, chosen, torch.ones_like(chosen))
+    broken = ((per_group != 0) & (per_group != group)).any(-1)
+    return int(broken.sum()), int(broken.numel())
+
+
+def _compare_layers(dense, moe, encoded, atol: float, quiet: bool, groups: Optional[tuple[int, int, int]] = None
+                    ) -> tuple[list[dict[str, Any]], list, list]:
+    """Both models layer by layer on every prompt: per-layer max |Δ hidden|, finiteness and (for a split) the
+    router selections that split a virtual group; then the full logits."""
     import torch
     from tqdm.auto import tqdm
 
     from .runner import lockstep
+    from .runner.routing import router_logit_sinks
 
-    per_layer = []
-    steps = lockstep([dense, moe], encoded)
+    per_layer, sinks = [], []
+
+    def watch_routers() -> None:
+        if groups is not None:
+            sinks.extend(router_logit_sinks(moe.model, groups[0]))
+
+    steps = lockstep([dense, moe], encoded, on_embedded=watch_routers)
     for index, (dense_h, moe_h) in tqdm(steps, total=dense.num_layers, desc="Verifying", unit="layer",
                                          disable=quiet):
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(dense_h, moe_h))
         scale = max(float(a.float().abs().max()) for a in dense_h)
         finite = all(bool(torch.isfinite(h).all()) for h in dense_h + moe_h)
-        per_layer.append({"layer": index, "max_abs_diff": diff if finite else float("nan"), "finite": finite,
-                          "broken": (not finite) or not diff <= _layer_tolerance(atol, scale)})
+        entry = {"layer": index, "max_abs_diff": diff if finite else float("nan"), "finite": finite,
+                 "broken": (not finite) or not diff <= _layer_tolerance(atol, scale)}
+        if groups is not None:
+            counted = [split_selections(x, groups[1], groups[2]) for _, sink in sinks for x in sink]
+            entry["split_selections"] = sum(c[0] for c in counted)
+            entry["selections"] = sum(c[1] for c in counted)
+            for _, sink in sinks:
+                sink.clear()
+        per_layer.append(entry)
     dense_logits = dense.logits(dense_h)
     moe_logits = moe.logits(moe_h)
     return per_layer, [x[0] for x in dense_logits], [x[0] for x in moe_logits]
@@ -253,7 +304,8 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     atol = DEFAULT_ATOL[dtype] if atol is None else atol
     streamed = [StreamedModel(src, device=torch_device, dtype=torch_dtype, weights_dtype=torch_weights,
                               max_layers=max_layers) for src in (dense_src, moe_src)]
-    per_layer, dense_logits, moe_logits = _compare_layers(*streamed, encoded, atol, quiet)
+    groups = _split_groups(moe_path)
+    per_layer, dense_logits, moe_logits = _compare_layers(*streamed, encoded, atol, quiet, groups)
     del streamed
 
     budget = memory_budget(torch_device) if generation_budget is None else generation_budget
@@ -302,4 +354,6 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
         first_broken_layer=broken,
         device=str(torch_device),
         per_layer=per_layer,
+        split_selections=sum(layer["split_selections"] for layer in per_layer) if groups else None,
+        router_selections=sum(layer["selections"] for layer in per_layer) if groups else None,
     )

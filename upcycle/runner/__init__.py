@@ -5,7 +5,7 @@ Used by verify, calibration and ``inspect --routing``; see :mod:`upcycle.runner.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -25,15 +25,17 @@ def forward_logits(model: StreamedModel, batches: list[torch.Tensor]) -> list[to
     return model.logits(hidden)
 
 
-def lockstep(models: list[StreamedModel], batches: list[torch.Tensor]
+def lockstep(models: list[StreamedModel], batches: list[torch.Tensor], on_embedded: Optional[Callable[[], None]] = None
              ) -> Iterator[tuple[int, list[list[torch.Tensor]]]]:
     """Run several models on the same token ids layer by layer, one layer of each resident at a time.
 
     Yields ``(layer, hidden)`` after each layer, ``hidden[m][b]`` being model ``m``'s output on batch ``b``;
     the caller may compare or replace them. The last yield is layer ``num_layers - 1``; then call
-    ``model.logits(hidden[m])``.
+    ``model.logits(hidden[m])``. ``on_embedded`` runs once the embeddings are done, before the first layer.
     """
     hidden = [model.embed(batches) for model in models]
+    if on_embedded is not None:
+        on_embedded()
     for index in range(max(model.num_layers for model in models)):
         for m, model in enumerate(models):
             if index < model.num_layers:

@@ -51,7 +51,7 @@ class CheckpointWeights:
 
         state = {key: self._read(key) for key in keys}
         config = LoadStateDictConfig(dtype=self.dtype, device_map={"": str(self.device)},
-                                     weight_mapping=self.mapping)
+                                     weight_mapping=self.mapping, dtype_plan=self.model._get_dtype_plan(self.dtype))
         with _quiet_loading():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         if info.mismatched_keys:

@@ -22,6 +22,7 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
 
     from ..io import open_source
     from ..runner import StreamedModel, resolve_device, resolve_dtype
+    from ..runner.routing import router_logit_sinks
     from .data import PackedDataset, tokenise, vocab_check
     from .moe_model import moe_shape, router_layers, text_attr
     from .monitor import assignment_counts, load_stats
@@ -42,7 +43,7 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
                           max_layers=max_layers, config=config)
     batches = [dataset.blocks[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
     hidden = model.embed(batches)
-    logits = _capture_router_logits(model.model, num_experts)  # after embed: the bundled forward resets sinks
+    logits = [sink for _, sink in router_logit_sinks(model.model, num_experts)]  # after embed (see there)
     counts = torch.zeros(len(logits), num_experts, dtype=torch.float64)
     for index in range(model.num_layers):
         with model.layer(index) as layer:
@@ -54,30 +55,6 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     stats = load_stats(counts, router_layers(model.model, num_experts), top_k)
     stats.update(model=str(model_path), data=str(data), top_k=top_k)
     return stats
-
-
-def _capture_router_logits(model: Any, num_experts: int) -> list[list]:
-    """One list per router (forward order) that receives its router logits on every call.
-
-    Native MoE classes: a forward hook on the router (its output, or the recorded element of it). The bundled
-    model computes its logits in the block (fp32), which hands them to ``router_logits_sink``.
-    """
-    from .moe_model import router_modules
-
-    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
-    index = getattr(recorder, "index", 0)
-    modules = dict(model.named_modules())
-    sinks: list[list] = []
-    for name, module in router_modules(model, num_experts):
-        sink: list = []
-        block = modules.get(name.rpartition(".")[0])
-        if block is not None and hasattr(block, "router_logits_sink"):
-            block.router_logits_sink = sink
-        else:
-            module.register_forward_hook(
-                lambda mod, args, out, sink=sink: sink.append(out[index] if isinstance(out, tuple) else out))
-        sinks.append(sink)
-    return sinks
 
 
 def plot_routing_heatmap(stats: dict[str, Any], path: str | Path, title: Optional[str] = None) -> Path:
