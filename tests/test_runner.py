@@ -84,3 +84,30 @@ def test_freed_layer_holds_no_memory(tmp_path):
 def _outside(streamed):
     layers = {id(p) for p in streamed.layers.parameters()}
     return [p for p in streamed.model.parameters() if id(p) not in layers]
+
+
+def test_gguf_source_streams_exactly(tmp_path):
+    """A .gguf dense source (dequantised tensor by tensor) streams to transformers' own GGUF loading."""
+    pytest.importorskip("gguf")
+    from test_gguf import write_tiny_llama_gguf
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_llama_gguf(tmp_path / "src")
+    batches = [ids % 32 for ids in _batches()]
+    got = forward_logits(open_streamed(str(path), max_layers=1), batches)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for ids, have in zip(batches, got):
+            assert float((model(ids).logits - have).abs().max()) <= 1e-5
+
+
+def test_pytorch_bin_source_streams_exactly(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    dense = make_dense("gpt2", tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(dense / "config.json", tmp_path / "bin")
+    torch.save(load_file(dense / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    _assert_streamed_equals_full(tmp_path / "bin")
