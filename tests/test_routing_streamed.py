@@ -20,11 +20,12 @@ def _reference_counts(model_path, data, seq_len, top_k, num_experts):
 
     from upcycle.train.data import PackedDataset, tokenise
     from upcycle.train.monitor import assignment_counts
-    from upcycle.train.run import _load_tokenizer, eos_id
+    from upcycle.tokenizer import load_tokenizer
+    from upcycle.train.run import eos_id
     from upcycle.train.trainer import router_logits_of
 
     config = AutoConfig.from_pretrained(model_path)
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     dataset = PackedDataset(tokenise(data, tokenizer, eos_id(tokenizer, config)), seq_len, str(data))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     counts = None
