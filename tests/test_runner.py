@@ -111,3 +111,28 @@ def test_pytorch_bin_source_streams_exactly(tmp_path):
     shutil.copy(dense / "config.json", tmp_path / "bin")
     torch.save(load_file(dense / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
     _assert_streamed_equals_full(tmp_path / "bin")
+
+
+@pytest.mark.parametrize("family,target,stored,compute", [
+    ("llama", "mixtral", "bfloat16", "float32"),   # bf16 checkpoint run at fp32: experts fused in bf16, then cast
+    ("ernie4_5", "auto", "bfloat16", "bfloat16"),  # its router weight stays fp32 (_keep_in_fp32_modules_strict)
+    ("hunyuan_v1_dense", "auto", "float32", "bfloat16"),  # its router is created in fp32 and stays so
+])
+def test_storage_and_compute_dtypes_match_from_pretrained(tmp_path, family, target, stored, compute):
+    from transformers import AutoModelForCausalLM
+
+    dense = make_dense(family, tmp_path / "dense")
+    result = CliRunner().invoke(cli, ["convert", str(dense), str(tmp_path / "moe"), "-e", "4", "-k", "2", "-q",
+                                      "--no-verify", "--target", target, "--dtype", stored])
+    assert result.exit_code == 0, result.output
+    batches = _batches()
+    streamed = open_streamed(str(tmp_path / "moe"), dtype=compute, max_layers=1)
+    got = forward_logits(streamed, batches)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=getattr(torch, compute)).eval()
+    assert {p.dtype for p in streamed.model.parameters() if p.device.type == "meta"} >= {getattr(torch, compute)}
+    with torch.no_grad():
+        for ids, have in zip(batches, got):
+            assert float((full(ids).logits.float() - have).abs().max()) <= 1e-5
+    routers = {n: p.dtype for n, p in full.named_parameters() if n.endswith(("mlp.gate.weight", "gate.wg.weight"))}
+    staged = {n: p.dtype for n, p in streamed.model.named_parameters() if n in routers}
+    assert staged == routers  # the skeleton keeps the dtypes from_pretrained gives

@@ -45,19 +45,48 @@ class CheckpointWeights:
         return [k for k, t in self.target.items() if t.startswith(prefixes)]
 
     def load(self, keys: list[str]) -> None:
-        """Read ``keys`` from the checkpoint and put them (converted, on the device, in the dtype) into the model."""
+        """Read ``keys`` from the checkpoint and put them (converted, on the device, in the dtype) into the model.
+
+        Renaming and fusing (e.g. stacking experts) run in the storage dtype; each resulting parameter is then
+        cast to the dtype the skeleton gave it, one at a time, so a float32 run of a bf16 checkpoint holds the
+        layer in bf16 plus one parameter in float32 at most, not two float32 copies of the layer.
+        """
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
         state = {key: self._read(key) for key in keys}
-        config = LoadStateDictConfig(dtype=self.dtype, device_map={"": str(self.device)},
-                                     weight_mapping=self.mapping, dtype_plan=self.model._get_dtype_plan(self.dtype))
+        stored = {t.dtype for t in state.values() if t.is_floating_point()}
+        storage = stored.pop() if len(stored) == 1 else None
+        wanted = self._stage(keys, storage)
+        config = LoadStateDictConfig(dtype=storage or self.dtype, device_map={"": str(self.device)},
+                                     weight_mapping=self.mapping)
         with _quiet_loading():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        del state
         if info.mismatched_keys:
             name, got, want = sorted(info.mismatched_keys)[0]
             raise CorruptCheckpointError(f"{self.source.spec}: {name} has shape {tuple(got)}, the config needs "
                                          f"{tuple(want)}")
+        for name, dtype in wanted.items():
+            module_path, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_path)
+            param = getattr(module, attr)
+            if param is not None and param.dtype != dtype:
+                setattr(module, attr, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
+    def _stage(self, keys: list[str], storage: Optional[torch.dtype]) -> dict[str, torch.dtype]:
+        """Give the meta parameters fed by ``keys`` the storage dtype for loading; returns their own dtypes."""
+        wanted: dict[str, torch.dtype] = {}
+        for name in {self.target[key] for key in keys}:
+            module_path, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_path)
+            param = module._parameters.get(attr)
+            if param is None or not param.is_floating_point():
+                continue
+            wanted[name] = param.dtype
+            if storage is not None and param.dtype != storage and param.device.type == "meta":
+                module._parameters[attr] = nn.Parameter(torch.empty_like(param, dtype=storage), requires_grad=False)
+        return wanted
 
     def assign(self, name: str, key: str) -> None:
         """Put checkpoint tensor ``key`` into parameter ``name`` as is (tied weights: lm_head from embeddings)."""
