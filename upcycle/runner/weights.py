@@ -47,10 +47,18 @@ class CheckpointWeights:
     def load(self, keys: list[str]) -> None:
         """Read ``keys`` from the checkpoint and put them (converted, on the device, in the dtype) into the model.
 
-        Renaming and fusing (e.g. stacking experts) run in the storage dtype; each resulting parameter is then
-        cast to the dtype the skeleton gave it, one at a time, so a float32 run of a bf16 checkpoint holds the
-        layer in bf16 plus one parameter in float32 at most, not two float32 copies of the layer.
+        One model parameter at a time (the checkpoint tensors that feed it, e.g. every expert's ``w1`` and
+        ``w3`` for a fused ``gate_up_proj``): renaming and fusing run in the storage dtype, then the result is
+        cast to the dtype the skeleton gave it. So a float32 run of a bf16 checkpoint never holds more than
+        one parameter's pieces and copies beside the layer's finished parameters.
         """
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.target[key], []).append(key)
+        for group in groups.values():
+            self._load_group(group)
+
+    def _load_group(self, keys: list[str]) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
