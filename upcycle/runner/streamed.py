@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import SourceNotFoundError
 from ..io.source import DenseSource
 from .device import LayerCapError, layer_cap
+from .memory import limit_heap_growth
 from .weights import CheckpointWeights, move_buffers, release
 
 
@@ -96,6 +97,7 @@ class StreamedModel:
     def __init__(self, source: DenseSource, *, device: torch.device, dtype: torch.dtype,
                  weights_dtype: Optional[torch.dtype] = None, max_layers: Optional[int] = None,
                  config: Any = None):
+        limit_heap_growth()
         self.source = source
         self.device, self.dtype = device, dtype
         self.config = config if config is not None else source.load_config()
