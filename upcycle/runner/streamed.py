@@ -18,9 +18,7 @@ embeddings only during step 1 and the output embeddings only during step 3, plus
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -263,9 +261,3 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
         return args[0], args[1:], dict(kwargs)
     kwargs = dict(kwargs)
     return kwargs.pop("hidden_states"), (), kwargs
-
-
-def stored_dtype(folder: Path) -> Optional[str]:
-    """The dtype an output folder's config says its weights are stored in."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return config.get("dtype") or config.get("torch_dtype")
