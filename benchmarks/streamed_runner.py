@@ -9,7 +9,8 @@ On the synthetic bf16 Llama of ``convert_synthetic.py`` (TinyLlama-1.1B shapes) 
    wall time <= 4x step 1;
 3. an activation-clustered split of the 1.1B (G=4, 16 experts, top-8, 4096 calibration tokens, with the
    conversion-time streamed check): target peak RSS <= 3 GB;
-4. the same verify on SmolLM2-135M x8: the peak-RSS-against-model-size table.
+4. the same verify on SmolLM2-135M x8 (it fits, so greedy generation with whole models runs too), and
+   once more with ``--max-new-tokens 0`` (the streamed pass alone): the peak-RSS-against-size table.
 
     python benchmarks/streamed_runner.py --workdir /work/scratch-runner/bench --cleanup
 
@@ -124,6 +125,7 @@ def main() -> None:
             rows.append(run(["convert", str(smol), str(smol_moe), "-e", "8", "-k", "2", "--no-verify", "-q"],
                             "convert SmolLM2-135M x8"))
             rows.append(_verify(smol, smol_moe, work, "verify SmolLM2-135M x8"))
+            rows.append(_verify(smol, smol_moe, work, "verify SmolLM2-135M x8, streamed only", "--max-new-tokens", "0"))
             shutil.rmtree(smol_moe)
     finally:
         if args.cleanup:
@@ -139,10 +141,10 @@ def main() -> None:
               f"{json.dumps(notes) if notes else ''} |")
 
 
-def _verify(dense: Path, moe: Path, work: Path, label: str) -> dict:
+def _verify(dense: Path, moe: Path, work: Path, label: str, *extra: str) -> dict:
     """``upcycle verify --json`` with the report kept (its stdout goes to a file through a shell-free wrapper)."""
     report = work / "report.json"
-    cmd = ["verify", str(dense), str(moe), "--json", "--quiet"]
+    cmd = ["verify", str(dense), str(moe), "--json", "--quiet", *extra]
     usage = work / "rusage.json"
     full = [sys.executable, "-m", "upcycle", *cmd]
     start = time.perf_counter()
