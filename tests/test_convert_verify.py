@@ -31,13 +31,29 @@ def test_conversion_records_the_measured_verification(dense, tmp_path):
     assert "verification: exact, checked at conversion time" in result.output
 
 
-def test_conversion_verification_is_skipped_when_it_would_not_fit(dense, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert_module, "_free_memory", lambda: 1000)
+def test_conversion_verifies_even_when_the_models_would_not_fit_in_memory(dense, tmp_path, monkeypatch):
+    """No "skipped: too big": the check streams one layer at a time and compares next-token predictions."""
+    import upcycle.runner.memory as memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     result = convert_module.convert(dense, tmp_path / "auto", num_experts=4, top_k=2, quiet=True)
-    assert "RAM" in result.verification["skipped"]
-    assert "not run at conversion time" in (tmp_path / "auto" / "README.md").read_text()
-    forced = convert_module.convert(dense, tmp_path / "forced", num_experts=4, top_k=2, quiet=True, verify=True)
-    assert forced.verification["passed"]
+    v = result.verification
+    assert v["passed"] and v["finite"] and v["comparison"] == "teacher-forced next tokens"
+    assert len(v["per_layer_max_abs_diff"]) == 3 and max(v["per_layer_max_abs_diff"]) <= 1e-4
+    card = (tmp_path / "auto" / "README.md").read_text()
+    assert "exact, checked at conversion time" in card and "compared after each of the 3 layers" in card
+    skipped = convert_module.convert(dense, tmp_path / "off", num_experts=4, top_k=2, quiet=True, verify=False)
+    assert skipped.verification == {"skipped": "disabled with --no-verify"}
+
+
+def test_conversion_check_takes_device_and_dtype(dense, tmp_path):
+    result = CliRunner().invoke(cli, ["convert", str(dense), str(tmp_path / "moe"), "-e", "4", "-k", "2", "-q",
+                                      "--device", "auto", "--compute-dtype", "bfloat16", "--json"])
+    assert result.exit_code == 0, result.output
+    measured = read_json(tmp_path / "moe" / "upcycle_recipe.json")["upcycle"]["verification"]
+    assert measured["dtype"] == "bfloat16" and measured["device"] in ("cpu", "cuda", "mps") and measured["passed"]
+    bad = CliRunner().invoke(cli, ["convert", str(dense), str(tmp_path / "x"), "--device", "warp", "-q"])
+    assert bad.exit_code == 2 and "--device 'warp'" in bad.output and not (tmp_path / "x").exists()
 
 
 def test_conversion_writes_nothing_when_an_exact_recipe_fails_verification(dense, tmp_path, monkeypatch):

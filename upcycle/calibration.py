@@ -1,4 +1,4 @@
-"""Calibration data: read text, tokenize it, and collect per-layer statistics in one dense forward pass.
+"""Calibration data: read text, tokenize it, and collect per-layer statistics in one streamed dense pass.
 
 Hooks on each MoE layer's FFN keep running statistics only: a streaming k-means of the hidden
 states entering the FFN (for ``--router-init kmeans``) and, for ``--split-strategy activation``, a
@@ -92,18 +92,25 @@ class CalibrationStats:
 
 
 def collect_statistics(src: "DenseSource", plan: "ConversionPlan", ids: torch.Tensor, *, want_hidden: bool,
-                       want_activations: bool, quiet: bool = False) -> CalibrationStats:
-    """Run the dense model once over ``ids`` with hooks on every MoE layer's FFN."""
+                       want_activations: bool, quiet: bool = False, device: str = "cpu", dtype: str = "float32",
+                       max_layers: Optional[int] = None) -> CalibrationStats:
+    """Run the dense model over ``ids`` one decoder layer at a time, with hooks on every MoE layer's FFN.
+
+    The model streams through :mod:`upcycle.runner` (memory: one layer plus the hidden states of the
+    calibration tokens); the pass stops after the last MoE layer. The statistics are the same as a
+    forward of the whole model batch by batch: each layer sees the batches in the same order, and the
+    sketch's random projection of each batch is drawn in that order too.
+    """
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
 
     from .clustering import StreamingKMeans
+    from .runner import StreamedModel, resolve_device, resolve_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(**src.pretrained_kwargs(), dtype=torch.float32).eval()
-    modules = dict(model.named_modules())
+    model = StreamedModel(src, device=resolve_device(device), dtype=resolve_dtype(dtype), max_layers=max_layers)
+    modules = dict(model.model.named_modules())
     stats = CalibrationStats()
     sketch_gen = torch.Generator().manual_seed(plan.recipe.seed)
-    projection: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
     handles = []
     for layer in plan.moe_layers:
         entry = stats.layers[layer] = LayerStats()
@@ -115,22 +122,26 @@ def collect_statistics(src: "DenseSource", plan: "ConversionPlan", ids: torch.Te
                 lambda mod, args, entry=entry: entry.kmeans.update(args[0])))
         if want_activations:
             handles.append(modules[down].register_forward_pre_hook(
-                lambda mod, args, entry=entry: _update_sketch(entry, args[0], projection["r"])))
+                lambda mod, args, entry=entry: _update_sketch(entry, args[0], current["r"])))
     length = min(SEQUENCE_LENGTH, plan.family.max_positions(plan.dense_config) or SEQUENCE_LENGTH)
     sequences = list(ids.split(length))
+    batches = [group for start in range(0, len(sequences), BATCH_SIZE)
+               for group in _same_length(sequences[start:start + BATCH_SIZE])]
+    projections = [torch.randn(group.numel(), SKETCH_DIM, generator=sketch_gen) for group in batches]
+    last = max(plan.moe_layers)
     try:
-        with torch.no_grad(), tqdm(total=ids.numel(), unit="tok", desc="Calibrating", disable=quiet) as bar:
-            for start in range(0, len(sequences), BATCH_SIZE):
-                batch = sequences[start:start + BATCH_SIZE]
-                for group in _same_length(batch):
-                    projection["r"] = torch.randn(group.numel(), SKETCH_DIM, generator=sketch_gen)
-                    model(group)
-                    bar.update(group.numel())
+        hidden = model.embed(batches)
+        for index in tqdm(range(last + 1), unit="layer", desc="Calibrating", disable=quiet):
+            with model.layer(index) as module:
+                out = []
+                for h, r, position in zip(hidden, projections, range(len(batches))):
+                    current["r"] = r
+                    out.append(model.run_layer(module, index, [h], batch=position)[0])
+                hidden = out
     finally:
         for handle in handles:
             handle.remove()
     stats.tokens = ids.numel()
-    del model
     return stats
 
 
@@ -147,6 +158,6 @@ def _update_sketch(entry: LayerStats, h: torch.Tensor, r: torch.Tensor) -> None:
     if entry.sketch is None:
         entry.sketch = torch.zeros(h.shape[1], r.shape[1])
         entry.square_sum = torch.zeros(h.shape[1])
-    entry.sketch += h.t() @ r
-    entry.square_sum += (h * h).sum(0)
+    entry.sketch += (h.t() @ r.to(h.device)).cpu()
+    entry.square_sum += (h * h).sum(0).cpu()
     entry.tokens += h.shape[0]

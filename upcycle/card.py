@@ -68,6 +68,11 @@ def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> st
     if v.get("max_new_tokens"):
         measured += (f", greedy continuations identical for {v['greedy_match']:.0%} of prompts over "
                      f"{v['max_new_tokens']} tokens")
+    elif v.get("comparison") == "teacher-forced next tokens":
+        measured += f", next-token predictions identical at {v['greedy_token_agreement']:.0%} of positions"
+    if v.get("per_layer_max_abs_diff"):
+        measured += (f"; compared after each of the {len(v['per_layer_max_abs_diff'])} layers, one layer in "
+                     f"memory at a time (largest |Δhidden| {max(v['per_layer_max_abs_diff']):.3g})")
     if exact:
         return f"exact, checked at conversion time: {measured} (tolerance {v['atol']:g})"
     return f"not exact by design; deviation measured at conversion time: {measured}"

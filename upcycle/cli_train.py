@@ -71,12 +71,14 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def routing_report(model: str, data: str, heatmap: str, seq_len: int, max_tokens: int) -> dict[str, Any]:
-    """``inspect --routing``: measure the expert load on ``data`` and write the heatmap PNG."""
+def routing_report(model: str, data: str, heatmap: str, seq_len: int, max_tokens: int, device: str = "cpu",
+                   dtype: str = "float32") -> dict[str, Any]:
+    """``inspect --routing``: measure the expert load on ``data`` (one layer in memory at a time) and write
+    the heatmap PNG."""
     from .quiet import quiet_libraries
     from .train.routing_heatmap import measure_routing, plot_routing_heatmap
 
     quiet_libraries()
-    stats = measure_routing(model, data, seq_len=seq_len, max_tokens=max_tokens)
+    stats = measure_routing(model, data, seq_len=seq_len, max_tokens=max_tokens, device=device, dtype=dtype)
     stats["heatmap"] = str(plot_routing_heatmap(stats, heatmap))
     return stats

@@ -23,7 +23,7 @@ class ConversionResult:
     recipe: Recipe
     files: list[str]
     dry_run: bool = False
-    #: measured at conversion time (``upcycle.verify``), or ``{"skipped": reason}``
+    #: measured at conversion time (``upcycle.verify``, streamed layer by layer), or ``{"skipped": reason}``
     verification: Optional[dict[str, Any]] = None
     #: where ``push_to_hub`` sent the output (an ``upcycle.hub_push.PushResult``)
     pushed: Any = None
@@ -49,14 +49,16 @@ def build_recipe(recipe: Recipe | str | Path | dict | None = None, **overrides: 
 def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path | dict | None = None, *,
             force: bool = False, dry_run: bool = False, quiet: bool = False, verify: Optional[bool] = None,
             push_to_hub: Optional[str] = None, hub_private: bool = False, hub_token: Optional[str] = None,
-            **overrides: Any) -> ConversionResult:
+            device: str = "cpu", compute_dtype: str = "float32", **overrides: Any) -> ConversionResult:
     """Convert a dense checkpoint into an MoE checkpoint.
 
     ``source`` is a local folder, a ``.gguf`` file or a Hub repo id; ``recipe`` a :class:`Recipe`, a
     recipe file or a mapping, and keyword arguments (``num_experts=8``, ``top_k=2``, ...) override it.
-    The output appears under ``output`` only once complete. ``verify`` compares the finished MoE
-    with the dense model before it is moved into place (None: when it fits in half the free RAM;
-    an exact recipe that fails raises :class:`VerificationError` and writes nothing).
+    The output appears under ``output`` only once complete. ``verify`` (default on; False skips it)
+    compares the finished MoE with the dense model, one layer at a time so any size fits, before it is
+    moved into place; an exact recipe that fails, or any NaN/inf, raises :class:`VerificationError` and
+    writes nothing. ``device`` and ``compute_dtype`` are where and in what precision calibration and
+    that check run (cpu, float32: the recorded numbers are then the same on every run).
     ``push_to_hub`` then uploads it to that Hub repo (see :func:`upcycle.hub_push.push`).
     """
     from .io import open_source
@@ -72,6 +74,10 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
         hub_token = check_can_push(push_to_hub, hub_token)
     if not dry_run:
         check_output(output, force)
+    from .runner import resolve_device, resolve_dtype
+
+    resolve_dtype(compute_dtype)
+    resolve_device(device)
     src = open_source(str(source), recipe.revision, quiet=quiet, headers_only=dry_run)
     if not dry_run:
         check_output(output, force, getattr(src, "file", src.folder))
@@ -85,11 +91,13 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     if dry_run:
         return ConversionResult(None, summary, recipe, [], dry_run=True)
     if recipe.needs_layer_data:
-        plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet))
+        plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet, device,
+                                                                     compute_dtype))
 
     with atomic_folder(output, force, need_bytes=summary["output_bytes"]) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
-        meta, verification = _write_metadata(tmp, plan, src, config, summary, verify, quiet, push_to_hub)
+        checking = {"verify": verify, "device": device, "dtype": compute_dtype}
+        meta, verification = _write_metadata(tmp, plan, src, config, summary, checking, quiet, push_to_hub)
         files += meta
     result = ConversionResult(output, summary, recipe, sorted(files), verification=verification)
     if push_to_hub:
@@ -139,7 +147,7 @@ def _calibration_ids(src, recipe: Recipe):
                                 recipe.num_experts)
 
 
-def _layer_data(src, plan, calibration_ids, quiet: bool):
+def _layer_data(src, plan, calibration_ids, quiet: bool, device: str = "cpu", dtype: str = "float32"):
     """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
     from .calibration import collect_statistics
     from .layer_data import LayerData
@@ -147,7 +155,7 @@ def _layer_data(src, plan, calibration_ids, quiet: bool):
 
     stats = None
     if calibration_ids is not None:
-        stats = collect_statistics(src, plan, calibration_ids, quiet=quiet,
+        stats = collect_statistics(src, plan, calibration_ids, quiet=quiet, device=device, dtype=dtype,
                                    want_hidden=plan.recipe.wants_hidden_states,
                                    want_activations=plan.recipe.wants_activations)
 
@@ -186,7 +194,7 @@ def _produce(tensor, src, cache):
     return tensor.make(cache)
 
 
-def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], verify: Optional[bool],
+def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], checking: dict[str, Any],
                     quiet: bool, repo_id: Optional[str]) -> tuple[list[str], Optional[dict[str, Any]]]:
     from .card import render_card, repo_id_from_cache_path, source_license
     from .io.public_names import public_name, public_recipe
@@ -202,7 +210,7 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
                   "source_commit": src.commit, "versions": library_versions(), **summary}
     recipe_dict = public_recipe(plan.recipe.to_dict())
     written.append(write_recipe(folder, recipe_dict, provenance))
-    verification = _verify_output(folder, src, summary, verify, quiet)
+    verification = _verify_output(folder, src, summary, quiet, **checking)
     if verification is not None:
         provenance["verification"] = verification
         write_recipe(folder, recipe_dict, provenance)
@@ -217,38 +225,18 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
     return written, verification
 
 
-def _free_memory() -> Optional[int]:
-    """Bytes of RAM available now (Linux ``MemAvailable``, else free pages), or None when unknown."""
-    import os
+def _verify_output(folder: Path, src, summary: dict[str, Any], quiet: bool, verify: Optional[bool] = None,
+                   device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """Compare the finished MoE in ``folder`` with the dense source, streamed one layer at a time.
 
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[bool],
-                   quiet: bool) -> Optional[dict[str, Any]]:
-    """Compare the finished MoE in ``folder`` with the dense source (fp32, a few prompts).
-
-    ``verify=None`` runs it when the MoE at float32 fits in half the free RAM. An exact recipe whose
-    logits differ raises :class:`VerificationError`, so nothing is written.
+    Runs unless ``verify`` is False. An exact recipe whose logits differ, or any NaN/inf, raises
+    :class:`VerificationError`, so nothing is written.
     """
     from .errors import VerificationError
     from .verify import verify as run_verify
 
     if verify is False:
         return {"skipped": "disabled with --no-verify"}
-    need, free = summary["total_params"] * 4, _free_memory()
-    if verify is None and free is not None and need > free // 2:
-        return {"skipped": f"the MoE needs ~{need / 1e9:.1f} GB of RAM at float32, {free / 1e9:.1f} GB free; "
-                           "pass --verify to force it"}
     import torch
 
     dense = str(src.folder) if src.repo_id else src.spec
@@ -257,15 +245,25 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], verify: Optional[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype="float32", quiet=quiet)
+        report = run_verify(dense, folder, max_new_tokens=VERIFY_NEW_TOKENS, dtype=dtype, device=device, quiet=quiet)
     finally:
         torch.set_num_threads(threads)
     # verify rounds the dense weights to the dtype the output stores them in before comparing
-    result = {k: float(f"{v:.3g}") if isinstance(v, float) else v
-              for k, v in report.to_dict().items() if k != "per_prompt"}
+    result = {k: _rounded(v) for k, v in report.to_dict().items() if k not in ("per_prompt", "per_layer")}
+    result["per_layer_max_abs_diff"] = [_rounded(layer["max_abs_diff"]) for layer in report.per_layer]
     result["dense_rounded_to"] = summary["dtype"]
+    if not report.finite:
+        raise VerificationError(f"the converted MoE computes NaN or inf (first after layer "
+                                f"{report.first_broken_layer}); nothing was written. This is a bug in upcycle: "
+                                "please report it with the recipe")
     if not report.passed:
         raise VerificationError(f"the converted MoE claims exactness but its logits differ from the dense model by "
-                                f"{report.max_abs_logit_diff:.3g} (> {report.atol:g}); nothing was written. "
+                                f"{report.max_abs_logit_diff:.3g} (> {report.atol:g}, first after layer "
+                                f"{report.first_broken_layer}); nothing was written. "
                                 "This is a bug in upcycle: please report it with the recipe")
     return result
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 3 significant digits, so the recorded numbers do not carry the last bits of the arithmetic."""
+    return float(f"{value:.3g}") if isinstance(value, float) else value

@@ -37,9 +37,50 @@ class VerifyReport:
     num_prompts: int
     max_new_tokens: int
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
+    #: False when any hidden state or logit of either model is NaN or infinite (then ``passed`` is False)
+    finite: bool = True
+    #: "greedy generation" (both models fit the memory budget) or "teacher-forced next tokens"
+    comparison: str = "greedy generation"
+    #: the first layer whose hidden states differ beyond the tolerance (or are non-finite), else None
+    first_broken_layer: Optional[int] = None
+    device: str = "cpu"
+    #: per decoder layer: max |Δ| of the hidden states after it, whether all were finite, whether it broke
+    #: (and, for a fine-grained split, ``split_selections`` of ``selections``)
+    per_layer: list[dict[str, Any]] = field(default_factory=list)
+    #: fine-grained split only: token routings (over all layers) whose top-k splits a virtual group, which
+    #: breaks exactness (router logits of different groups rounding to the same value in bf16/fp16)
+    split_selections: Optional[int] = None
+    router_selections: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def report_text(report: VerifyReport) -> str:
+    """The human-readable verdict of a report (what ``upcycle verify`` prints)."""
+    if not report.finite:
+        verdict = "FAIL: non-finite values (NaN or inf)"
+    elif report.exact_expected:
+        verdict = "PASS (exact)" if report.passed else "FAIL: exact recipe but logits differ"
+    else:
+        verdict = "measured (recipe is not exact by design)"
+    if report.first_broken_layer is not None and (not report.passed or not report.exact_expected):
+        verdict += f"; hidden states first differ after layer {report.first_broken_layer}"
+    if report.comparison == "greedy generation":
+        greedy = (f"greedy: {report.greedy_match:.0%} of {report.num_prompts} prompts identical over "
+                  f"{report.max_new_tokens} tokens ({report.greedy_token_agreement:.0%} of tokens)")
+    else:
+        greedy = (f"teacher-forced next tokens: {report.greedy_token_agreement:.0%} agree over "
+                  f"{report.num_prompts} prompts (models too large to generate in the memory budget)")
+    worst = max((layer for layer in report.per_layer), key=lambda l: (not l["finite"], l["max_abs_diff"]),
+                default=None)
+    layers = (f"\n  per layer: largest |Δhidden| {worst['max_abs_diff']:.3g} after layer {worst['layer']} of "
+              f"{len(report.per_layer)}" if worst else "")
+    if report.split_selections:
+        layers += (f"\n  router: {report.split_selections} of {report.router_selections} selections split a virtual "
+                   f"group (router logits of different groups tie in {report.dtype}; see docs/methods.md)")
+    return (f"{verdict}\n  max |Δlogit|: {report.max_abs_logit_diff:.3g} (atol {report.atol:g}, {report.dtype}, "
+            f"{report.device})\n  mean KL: {report.mean_kl:.3g}\n  {greedy}{layers}")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -73,9 +114,9 @@ def _stored_dtype(moe_path: Path, default: str) -> str:
     return stored if stored in DEFAULT_ATOL else default
 
 
-def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weights_dtype, dtype, device: str,
-         pad_token_id: Optional[int]):
-    """Logits and greedy continuations of every prompt; the model is freed before returning.
+def _generate(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weights_dtype, dtype, device,
+              pad_token_id: Optional[int]) -> list[list[int]]:
+    """Greedy continuations of every prompt with the whole model loaded; the model is freed before returning.
 
     Weights are first rounded to ``weights_dtype`` (the MoE's storage precision, so the dense model
     gets the same rounding the conversion applied), then the model computes in ``dtype``.
@@ -84,55 +125,132 @@ def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weight
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=weights_dtype).to(device, dtype).eval()
-    logits, generations = [], []
+    generations = []
     with torch.no_grad():
         for ids in encoded:
             ids = ids.to(device)
-            logits.append(model(ids).logits[0].float().cpu())
-            if max_new_tokens > 0:
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
-                generations.append(out[0, ids.shape[1]:].cpu().tolist())
-            else:
-                generations.append([])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+            generations.append(out[0, ids.shape[1]:].cpu().tolist())
     del model
-    return logits, generations
+    return generations
 
 
-def _check_device(device: str) -> None:
-    """Refuse a device torch cannot use before any model is loaded."""
+def _model_bytes(src, dtype) -> int:
+    """Bytes of a checkpoint's floating-point tensors in ``dtype``."""
+    import math
+
     import torch
 
-    try:
-        torch.empty(0, device=torch.device(device))
-    except (RuntimeError, AssertionError) as exc:
-        raise RecipeError(f"--device {device!r} cannot be used: {str(exc).splitlines()[0]}") from None
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(math.prod(info.shape) * size for info in src.infos.values() if info.dtype.is_floating_point)
+
+
+def memory_budget(device) -> Optional[int]:
+    """Bytes a whole model may take for greedy generation: half the free memory of ``device``, None if unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    from .runner.memory import available_memory
+
+    free = available_memory()
+    return free // 2 if free is not None else None
+
+
+def _layer_tolerance(atol: float, reference) -> float:
+    """The |Δ| of hidden states that counts as breaking: ``atol`` relative to the layer's largest value."""
+    return atol * max(1.0, float(reference))
+
+
+def _split_groups(moe_path: Path) -> Optional[tuple[int, int, int]]:
+    """``(num_experts, top_k, group size)`` of a fine-grained split (virtual groups of 2+ experts), else None."""
+    recipe = read_recipe(moe_path)
+    if recipe is None or recipe.get("method") != "split":
+        return None
+    group = int(recipe.get("granularity", 1)) - int(recipe.get("shared_experts", 0))
+    return (int(recipe["num_experts"]), int(recipe["top_k"]), group) if group > 1 else None
+
+
+def split_selections(logits, top_k: int, group: int) -> tuple[int, int]:
+    """``(selections that split a virtual group, all selections)`` for router logits ``[T, E]``.
+
+    The experts are picked as the MoE classes pick them (top-k of the fp32 softmax of the logits); an exact
+    split needs every picked group whole. Groups are ``e // group``.
+    """
+    import torch
+
+    logits = logits.reshape(-1, logits.shape[-1])
+    chosen = logits.float().softmax(-1).topk(top_k, dim=-1).indices // group
+    per_group = torch.zeros(chosen.shape[0], logits.shape[-1] // group, dtype=torch.long)
+    per_group.scatter_add_(1, chosen, torch.ones_like(chosen))
+    broken = ((per_group != 0) & (per_group != group)).any(-1)
+    return int(broken.sum()), int(broken.numel())
+
+
+def _compare_layers(dense, moe, encoded, atol: float, quiet: bool, groups: Optional[tuple[int, int, int]] = None
+                    ) -> tuple[list[dict[str, Any]], list, list]:
+    """Both models layer by layer on every prompt: per-layer max |Δ hidden|, finiteness and (for a split) the
+    router selections that split a virtual group; then the full logits."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .runner import lockstep
+    from .runner.routing import router_logit_sinks
+
+    per_layer, sinks = [], []
+
+    def watch_routers() -> None:
+        if groups is not None:
+            sinks.extend(router_logit_sinks(moe.model, groups[0]))
+
+    steps = lockstep([dense, moe], encoded, on_embedded=watch_routers)
+    for index, (dense_h, moe_h) in tqdm(steps, total=dense.num_layers, desc="Verifying", unit="layer",
+                                         disable=quiet):
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(dense_h, moe_h))
+        scale = max(float(a.float().abs().max()) for a in dense_h)
+        finite = all(bool(torch.isfinite(h).all()) for h in dense_h + moe_h)
+        entry = {"layer": index, "max_abs_diff": diff if finite else float("nan"), "finite": finite,
+                 "broken": (not finite) or not diff <= _layer_tolerance(atol, scale)}
+        if groups is not None:
+            counted = [split_selections(x, groups[1], groups[2]) for _, sink in sinks for x in sink]
+            entry["split_selections"] = sum(c[0] for c in counted)
+            entry["selections"] = sum(c[1] for c in counted)
+            for _, sink in sinks:
+                sink.clear()
+        per_layer.append(entry)
+    dense_logits = dense.logits(dense_h)
+    moe_logits = moe.logits(moe_h)
+    return per_layer, [x[0] for x in dense_logits], [x[0] for x in moe_logits]
 
 
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
-           dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
-           quiet: bool = False) -> VerifyReport:
-    """Run the dense model and the MoE on the same prompts and compare.
+           dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu", quiet: bool = False,
+           max_layers: Optional[int] = None, generation_budget: Optional[int] = None) -> VerifyReport:
+    """Run the dense model and the MoE on the same prompts, one decoder layer at a time, and compare.
 
-    The models run one after the other, so memory holds one model at a time. ``passed`` is False
-    when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
+    Both models stream through :mod:`upcycle.runner` in one pass (memory: one layer plus the activations);
+    the hidden states are compared after every layer. Greedy generation runs when the larger model fits in
+    ``generation_budget`` bytes (default: half the free memory of the device), else the next-token
+    predictions of the prompts are compared (teacher forcing). ``passed`` is False when any value is
+    non-finite, or when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
     """
     import torch
     import torch.nn.functional as F
     from transformers.utils import logging as hf_logging
 
     from .io import open_source
+    from .runner import StreamedModel, resolve_device, resolve_dtype
     from .tokenizer import load_tokenizer
 
     if quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise RecipeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    _check_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
     moe_path = model_folder(moe)
     dense_src = open_source(str(dense), quiet=quiet)
+    moe_src = open_source(str(moe_path), quiet=quiet)
     tokenizer = load_tokenizer(moe_path, dense_src.pretrained_kwargs())
     if tokenizer is not None:
         prompts = list(prompts or DEFAULT_PROMPTS)
@@ -148,34 +266,59 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
 
     weights_dtype = _stored_dtype(moe_path, dtype)
     torch_weights = getattr(torch, weights_dtype)
-    dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_weights,
-                                   torch_dtype, device, pad)
-    moe_logits, moe_gen = _run({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
-                               torch_weights, torch_dtype, device, pad)
+    atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    streamed = [StreamedModel(src, device=torch_device, dtype=torch_dtype, weights_dtype=torch_weights,
+                              max_layers=max_layers) for src in (dense_src, moe_src)]
+    groups = _split_groups(moe_path)
+    per_layer, dense_logits, moe_logits = _compare_layers(*streamed, encoded, atol, quiet, groups)
+    del streamed
 
-    per_prompt, max_diff, kls, matches, agree, total = [], 0.0, [], 0, 0, 0
+    budget = memory_budget(torch_device) if generation_budget is None else generation_budget
+    need = max(_model_bytes(dense_src, torch_dtype), _model_bytes(moe_src, torch_dtype))
+    generate = max_new_tokens > 0 and budget is not None and need <= budget
+    if generate:
+        comparison = "greedy generation"
+        dense_gen = _generate(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_weights, torch_dtype,
+                              torch_device, pad)
+        moe_gen = _generate({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
+                            torch_weights, torch_dtype, torch_device, pad)
+    else:
+        comparison = "teacher-forced next tokens"
+        dense_gen = [a.argmax(-1).tolist() for a in dense_logits]
+        moe_gen = [b.argmax(-1).tolist() for b in moe_logits]
+
+    per_prompt, kls, matches, agree, total = [], [], 0, 0, 0
     for prompt, a, b, ga, gb in zip(prompts, dense_logits, moe_logits, dense_gen, moe_gen):
-        diff = float((a - b).abs().max())
         kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1).clamp_min(0)
         same = ga == gb
-        agreed = sum(x == y for x, y in zip(ga, gb))
-        per_prompt.append({"prompt": prompt, "max_abs_logit_diff": diff, "mean_kl": float(kl.mean()),
-                           "greedy_match": same, "dense_tokens": ga, "moe_tokens": gb})
-        max_diff, matches, agree, total = max(max_diff, diff), matches + same, agree + agreed, total + len(ga)
+        per_prompt.append({"prompt": prompt, "max_abs_logit_diff": float((a - b).abs().max()),
+                           "mean_kl": float(kl.mean()), "greedy_match": same, "dense_tokens": ga, "moe_tokens": gb})
+        matches, agree, total = matches + same, agree + sum(x == y for x, y in zip(ga, gb)), total + len(ga)
         kls.append(kl)
+    finite = all(layer["finite"] for layer in per_layer) and all(
+        bool(torch.isfinite(x).all()) for x in dense_logits + moe_logits)
+    diffs = torch.tensor([p["max_abs_logit_diff"] for p in per_prompt])
+    max_diff = float(diffs.max()) if finite else float("nan")  # torch's max keeps NaN, Python's drops it
     exact_expected = _claims_exact(moe_path)
-    atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    broken = next((layer["layer"] for layer in per_layer if layer["broken"]), None)
     return VerifyReport(
         max_abs_logit_diff=max_diff,
         mean_kl=float(torch.cat(kls).mean()),
         greedy_match=matches / len(prompts),
         greedy_token_agreement=agree / total if total else 1.0,
         exact_expected=exact_expected,
-        passed=(max_diff <= atol) if exact_expected else True,
+        passed=finite and ((max_diff <= atol) if exact_expected else True),
         atol=atol,
         dtype=dtype,
         weights_dtype=weights_dtype,
         num_prompts=len(prompts),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens if generate else 0,
         per_prompt=per_prompt,
+        finite=finite,
+        comparison=comparison,
+        first_broken_layer=broken,
+        device=str(torch_device),
+        per_layer=per_layer,
+        split_selections=sum(layer["split_selections"] for layer in per_layer) if groups else None,
+        router_selections=sum(layer["selections"] for layer in per_layer) if groups else None,
     )

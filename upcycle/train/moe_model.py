@@ -8,6 +8,7 @@ from typing import Any
 
 from ..checkpoint import expert_count, experts_per_token
 from ..errors import RecipeError, UnsupportedArchitectureError
+from ..runner.routing import router_modules
 
 TRAIN_GROUPS = ("experts", "routers", "attention", "embeddings", "norms", "all")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -47,28 +48,6 @@ def check_seq_len(config: Any, seq_len: int) -> None:
     if limit and seq_len > limit:
         raise RecipeError(f"--seq-len {seq_len} is larger than the model supports (max_position_embeddings "
                           f"= {limit}); use --seq-len {limit} or less")
-
-
-def router_modules(model: Any, num_experts: int) -> list[tuple[str, Any]]:
-    """``(name, module)`` of every router, in forward order.
-
-    Native transformers MoE classes declare their router class for ``output_router_logits``; other models
-    are searched for ``gate``/``router`` modules whose weight has one row per expert.
-    """
-    recorder = getattr(model, "_can_record_outputs", None) or {}
-    recorded = recorder.get("router_logits")
-    target = getattr(recorded, "target_class", recorded if isinstance(recorded, type) else None)
-    found = []
-    for name, module in model.named_modules():
-        if target is not None:
-            if isinstance(module, target):
-                found.append((name, module))
-            continue
-        weight = getattr(module, "weight", None)
-        if name.rsplit(".", 1)[-1] in ("gate", "router") and getattr(weight, "ndim", 0) == 2 \
-                and weight.shape[0] == num_experts:
-            found.append((name, module))
-    return found
 
 
 def router_layers(model: Any, num_experts: int) -> list[int]:

@@ -9,21 +9,24 @@ from ..checkpoint import model_folder
 
 
 def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512, max_tokens: int = 65536,
-                    batch_size: int = 4, device: str = "cpu") -> dict[str, Any]:
+                    batch_size: int = 4, device: str = "cpu", dtype: str = "float32",
+                    max_layers: Optional[int] = None) -> dict[str, Any]:
     """Expert-load statistics (see :func:`upcycle.train.monitor.load_stats`) of ``model_path`` on ``data``.
 
     The data is read like training data (text, JSONL, folder), packed into ``seq_len`` blocks and cut at
-    ``max_tokens``.
+    ``max_tokens``. The model runs one decoder layer at a time (:mod:`upcycle.runner`): memory is one layer
+    plus the hidden states of the tokens, whatever the model's size.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from ..io import open_source
+    from ..runner import StreamedModel, resolve_device, resolve_dtype
+    from ..runner.routing import router_logit_sinks
     from ..tokenizer import load_tokenizer
     from .data import PackedDataset, tokenise, vocab_check
     from .moe_model import load_moe_config, router_layers, text_attr
     from .monitor import assignment_counts, load_stats
     from .run import eos_id
-    from .trainer import router_logits_of
 
     model_path = model_folder(model_path)
     config, num_experts, top_k = load_moe_config(model_path)
@@ -33,15 +36,20 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     dataset = PackedDataset(stream, seq_len, str(data))
     vocab_check(dataset, text_attr(config, "vocab_size"), str(data))
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
-    counts = None
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            ids = dataset.blocks[start:start + batch_size].to(device)
-            outputs = model(input_ids=ids, output_router_logits=True, use_cache=False)
-            batch = assignment_counts(router_logits_of(outputs), top_k)
-            counts = batch if counts is None else counts + batch
-    stats = load_stats(counts, router_layers(model, num_experts), top_k)
+    model = StreamedModel(open_source(str(model_path)), device=resolve_device(device), dtype=resolve_dtype(dtype),
+                          max_layers=max_layers, config=config)
+    batches = [dataset.blocks[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
+    hidden = model.embed(batches)
+    logits = [sink for _, sink in router_logit_sinks(model.model, num_experts)]  # after embed (see there)
+    counts = torch.zeros(len(logits), num_experts, dtype=torch.float64)
+    for index in range(model.num_layers):
+        with model.layer(index) as layer:
+            hidden = model.run_layer(layer, index, hidden)
+        for row, captured in enumerate(logits):
+            if captured:
+                counts[row] += assignment_counts(captured, top_k).sum(0).cpu()
+                captured.clear()
+    stats = load_stats(counts, router_layers(model.model, num_experts), top_k)
     stats.update(model=str(model_path), data=str(data), top_k=top_k)
     return stats
 
