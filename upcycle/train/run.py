@@ -22,7 +22,7 @@ class TrainOptions:
     learning_rate: float = 2e-5
     batch_size: int = 8
     grad_accum: int = 1
-    seq_len: int = 1024
+    seq_len: Optional[int] = None  # None: 1024, or max_position_embeddings when smaller
     warmup: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -126,7 +126,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     from transformers import AutoConfig, default_data_collator
 
     from .data import load_packed
-    from .moe_model import check_seq_len, moe_shape, parse_train_groups, text_attr
+    from .moe_model import choose_seq_len, moe_shape, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
     from .provenance import copy_code_files, record_training
     from .trainer import UpcycleTrainer
@@ -137,7 +137,8 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
     config = AutoConfig.from_pretrained(model_path)
     num_experts, top_k = moe_shape(config, str(model_path))
-    check_seq_len(config, options.seq_len)
+    seq_len, seq_len_note = choose_seq_len(config, options.seq_len)
+    options = dataclasses.replace(options, seq_len=seq_len)
     groups = parse_train_groups(options.train)
     resume_from = _resume_checkpoint(output, options)
     aux_coef = options.aux_loss_coef if options.aux_loss_coef is not None else \
@@ -160,7 +161,8 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     run = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": str(model_path), "data": str(data), "tokens": dataset.num_tokens,
-        "sequences": len(dataset), "seq_len": options.seq_len, "steps": trainer.state.global_step,
+        "sequences": len(dataset), "seq_len": options.seq_len, "seq_len_chosen": seq_len_note,
+        "steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0), 4), "learning_rate": options.learning_rate,
         "warmup": options.warmup, "effective_batch_size": options.batch_size * options.grad_accum * args.world_size,
         "world_size": args.world_size, "aux_loss_coef": aux_coef, "z_loss_coef": options.z_loss_coef,
