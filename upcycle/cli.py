@@ -56,9 +56,12 @@ def cli() -> None:
               help="Compare the MoE with the dense model before finishing.  [default: when it fits in RAM]")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload the output to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--base-model", metavar="REPO_ID", help="The dense model's Hub id for the card's base_model.  "
+              "[default: SOURCE's id, derived from a HF cache folder or config _name_or_path]")
 @_user_errors
 def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_run: bool, as_json: bool,
-            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, **options: Any) -> None:
+            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, base_model: str | None,
+            **options: Any) -> None:
     """Convert the dense model SOURCE (folder, .gguf file or Hub repo id) into an MoE at OUTPUT."""
     from .quiet import quiet_libraries
     from .convert import convert as run_convert
@@ -67,7 +70,7 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
         quiet_libraries()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
-                         push_to_hub=push_to_hub, hub_private=private, **options)
+                         push_to_hub=push_to_hub, hub_private=private, base_model=base_model, **options)
     s = result.summary
     if as_json:
         click.echo(json.dumps({**s, "output": str(result.output) if result.output else None,

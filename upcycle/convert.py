@@ -62,7 +62,7 @@ def build_recipe(recipe: Recipe | str | Path | dict | None = None, **overrides: 
 def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path | dict | None = None, *,
             force: bool = False, dry_run: bool = False, quiet: bool = False, verify: Optional[bool] = None,
             push_to_hub: Optional[str] = None, hub_private: bool = False, hub_token: Optional[str] = None,
-            **overrides: Any) -> ConversionResult:
+            base_model: Optional[str] = None, **overrides: Any) -> ConversionResult:
     """Convert a dense checkpoint into an MoE checkpoint.
 
     ``source`` is a local folder, a ``.gguf`` file or a Hub repo id; ``recipe`` a :class:`Recipe`, a
@@ -71,13 +71,19 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     with the dense model before it is moved into place (None: when it fits in half the free RAM;
     an exact recipe that fails raises :class:`VerificationError` and writes nothing).
     ``push_to_hub`` then uploads it to that Hub repo (see :func:`upcycle.hub_push.push`).
+    ``base_model`` is the dense model's Hub repo id for the card; by default it is derived from the source
+    (a Hub id, a Hugging Face cache snapshot folder, or a ``_name_or_path`` repo id in its config).
     """
     from .io import open_source
     from .io.atomic import atomic_folder, check_output
     from .plan import make_plan
 
+    from .card import check_base_model
+
     recipe = build_recipe(recipe, **overrides)
     output = Path(output)
+    if base_model:
+        check_base_model(base_model)
     if push_to_hub and not dry_run:
         from .hub_push import check_can_push
 
@@ -98,7 +104,8 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
     with atomic_folder(output, force) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
-        meta, verification = _write_metadata(tmp, plan, src, config, summary, verify, quiet, push_to_hub)
+        meta, verification = _write_metadata(tmp, plan, src, config, summary, verify, quiet, push_to_hub,
+                                             base_model)
         files += meta
     result = ConversionResult(output, summary, recipe, sorted(files), verification=verification)
     if push_to_hub:
@@ -192,8 +199,9 @@ def _produce(tensor, src, cache):
 
 
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], verify: Optional[bool],
-                    quiet: bool, repo_id: Optional[str]) -> tuple[list[str], Optional[dict[str, Any]]]:
-    from .card import render_card, repo_id_from_cache_path, source_license
+                    quiet: bool, repo_id: Optional[str],
+                    base_model: Optional[str] = None) -> tuple[list[str], Optional[dict[str, Any]]]:
+    from .card import render_card, resolve_base_model, source_license
     from .plan import build_target_config
 
     target_config = build_target_config(plan)
@@ -205,7 +213,9 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
     generation.save_pretrained(folder)
     written.append("generation_config.json")
     written += src.save_tokenizer(folder)
-    provenance = {"source": src.spec, "source_commit": src.commit, "versions": _versions(), **summary}
+    base_model = resolve_base_model(base_model, src.repo_id, src.folder)
+    provenance = {"source": src.spec, "source_commit": src.commit, "base_model": base_model,
+                  "versions": _versions(), **summary}
     recipe_dict = plan.recipe.to_dict()
     (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
     written.append(RECIPE_FILE)
@@ -213,7 +223,6 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ve
     if verification is not None:
         provenance["verification"] = verification
         (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
-    base_model = src.repo_id or repo_id_from_cache_path(src.folder)
     licence = source_license(src.folder)
     if plan.dense_config.get("license") and "license" not in licence:
         licence["license"] = plan.dense_config["license"]
