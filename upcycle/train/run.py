@@ -132,6 +132,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
+    _check_sharding_launcher()
     model_path, output = Path(model_path), Path(output)
     if not (model_path / "config.json").is_file():
         raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
@@ -259,6 +260,20 @@ def _versions() -> dict[str, str]:
 
     return {"upcycle": __version__, "transformers": importlib.metadata.version("transformers"),
             "torch": importlib.metadata.version("torch")}
+
+
+def _check_sharding_launcher() -> None:
+    """Refuse an FSDP launch on a machine without GPU: accelerate enables FSDP only on accelerators and would
+    run plain DDP (every process holding the whole model) without saying so."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_accelerator():
+        import accelerate
+
+        raise RecipeError(f"FSDP was requested (accelerate launch with an FSDP config), but accelerate "
+                          f"{accelerate.__version__} shards only on GPUs and would run unsharded DDP on this CPU-only "
+                          "machine; launch without the FSDP config for DDP over gloo, or shard on CPU with "
+                          "torchrun --nproc_per_node N examples/fsdp2_train.py (FSDP2 fully_shard)")
 
 
 def _has_accelerator() -> bool:
