@@ -401,6 +401,20 @@ class UpcycleMoePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    def get_correct_experts_implementation(self, requested_experts: Optional[str]) -> str:
+        """transformers' choice, except that without a GPU (or other accelerator) the default is ``eager``:
+        on CPU the grouped loop is as fast as ``grouped_mm`` or faster (docs/benchmarks.md, issue 15)."""
+        if requested_experts is None and not _accelerator_available():
+            return "eager"
+        return super().get_correct_experts_implementation(requested_experts)
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
 
 class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
     """The dense family's ``*ForCausalLM`` with MoE blocks in ``config.moe_layers``.
