@@ -80,8 +80,13 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
     result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
                          push_to_hub=push_to_hub, hub_private=private, base_model=base_model, **options)
     s = result.summary
+    from .engines import engine_warnings
+
+    limits = engine_warnings(s)
+    for line in limits:  # known engine limits the plan hits (docs/engines.md)
+        click.echo(f"warning: {line}", err=True)
     if as_json:
-        click.echo(json.dumps({**s, "output": str(result.output) if result.output else None,
+        click.echo(json.dumps({**s, "engine_limits": limits, "output": str(result.output) if result.output else None,
                                "dry_run": dry_run, "files": result.files, "verification": result.verification,
                                "pushed": result.pushed.url if result.pushed else None}, indent=2))
         return
