@@ -75,8 +75,16 @@ def test_experts_are_fused_in_memory_and_per_expert_on_disk(bundled, tmp_path):
 def test_model_built_from_config_saves_per_expert_keys(bundled, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bundled))
-    assert model.moe_blocks[0].experts.down_proj.abs().sum() > 0  # initialised, not left empty
+    config = AutoConfig.from_pretrained(bundled)
+    model = AutoModelForCausalLM.from_config(config)
+    std = config.text_config.initializer_range
+    for block in model.moe_blocks:  # initialised (normal weights, zero biases), not left as torch.empty
+        for name, param in block.experts.named_parameters():
+            param = param.detach()
+            if name.endswith("_bias"):
+                assert torch.count_nonzero(param) == 0, name
+            else:
+                assert torch.isfinite(param).all() and 0.5 * std < float(param.std()) < 2 * std, name
     model.save_pretrained(tmp_path / "fresh")
     with safe_open(str(tmp_path / "fresh" / "model.safetensors"), "pt") as fresh, \
             safe_open(str(bundled / "model.safetensors"), "pt") as converted:

@@ -391,6 +391,26 @@ def native_checkpoint_config(path, kwargs: dict):
     return config, _NATIVE_KEYS[model_type]
 
 
+def _init_experts(module: nn.Module, config: UpcycleMoeConfig) -> None:
+    """Fused expert tensors: normal(0, initializer_range) weights, zero biases (no-op for other modules)."""
+    if not isinstance(module, UpcycleMoeExperts):
+        return
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    for name, param in module.named_parameters(recurse=False):
+        if name.endswith("_bias"):
+            init.zeros_(param)
+        else:
+            init.normal_(param, mean=0.0, std=std)
+
+
+def _also_init_experts(dense_init, config: UpcycleMoeConfig):
+    """A dense sub-model's ``_init_weights`` that also initialises the fused experts placed inside it."""
+    def init_weights(module):
+        dense_init(module)
+        _init_experts(module, config)
+    return init_weights
+
+
 class UpcycleMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycleMoeConfig
     base_model_prefix = ""
@@ -460,6 +480,8 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
         object.__setattr__(self, "dense", dense)
         for name, child in list(dense.named_children()):
             self.add_module(name, child)
+            if isinstance(child, PreTrainedModel):  # transformers initialises a sub-model's modules with its own
+                child._init_weights = _also_init_experts(child._init_weights, config)  # _init_weights
         self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
         self._no_split_modules = getattr(dense, "_no_split_modules", None)
         layers = _get_path(dense, config.layers_module)
@@ -473,13 +495,7 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         self.dense._init_weights(module)  # the dense family's init, with its initializer_range
-        if isinstance(module, UpcycleMoeExperts):
-            std = getattr(self.config.text_config, "initializer_range", 0.02)
-            for name, param in module.named_parameters(recurse=False):
-                if name.endswith("_bias"):
-                    init.zeros_(param)
-                else:
-                    init.normal_(param, mean=0.0, std=std)
+        _init_experts(module, self.config)
 
     def train(self, mode: bool = True):
         super().train(mode)
