@@ -4,7 +4,10 @@ A random Llama-shaped dense model is upcycled twice from the same seed (``--targ
 ``--target mixtral``: identical routers and experts), for top-2 and top-1 routing. Each model runs
 no-grad fp32 forwards of ``batch x seq`` tokens on CPU; the models are timed in interleaved rounds and the
 best round is reported (the median too), which keeps a shared machine's noise out of the ratios.
-Mixtral is timed with every experts implementation transformers offers (eager, batched_mm, grouped_mm).
+Both are timed with every experts implementation transformers offers (eager, batched_mm, grouped_mm; the
+bundled model's ``eager`` is its own grouped loop) and with the implementation ``from_pretrained`` picks
+by default. ``batched_mm`` gathers one weight matrix per (token, expert) slot; where that would allocate
+more than ``--max-impl-gb`` it is skipped and the output says so.
 
     python benchmarks/bench_bundled.py --json out.json
 """
@@ -50,6 +53,24 @@ def _time(model, ids: torch.Tensor) -> float:
         return time.perf_counter() - start
 
 
+def _batched_mm_bytes(args, top_k: int) -> int:
+    """What transformers' batched_mm gathers per MoE layer: the gate_up and down matrices of every slot (fp32)."""
+    slots = args.batch * args.seq * top_k
+    return slots * 3 * args.intermediate * args.hidden * 4
+
+
+def _implementations(args, top_k: int, skipped: dict) -> list[str]:
+    impls = []
+    for impl in args.impls.split(","):
+        need = _batched_mm_bytes(args, top_k) if impl == "batched_mm" else 0
+        if need > args.max_impl_gb * 2**30:
+            skipped[f"{impl} top-{top_k}"] = (f"would gather {need / 2**30:.1f} GiB of expert weights per layer "
+                                              f"(> --max-impl-gb {args.max_impl_gb:g})")
+            continue
+        impls.append(impl)
+    return impls
+
+
 def run(args) -> dict:
     from upcycle.convert import convert
 
@@ -57,20 +78,21 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_bundled_"))
     dense = _dense(tmp / "dense", args)
     models = {"dense": _load(dense)}
+    defaults, skipped = {}, {}
     for k in (2, 1):
-        for target in ("upcycle", "mixtral"):
+        for target, label in (("upcycle", "bundled"), ("mixtral", "mixtral")):
             out = tmp / f"{target}-top{k}"
             convert(dense, out, target=target, num_experts=args.experts, top_k=k, router_std=0.5, quiet=True)
-            if target == "upcycle":
-                models[f"bundled top-{k}"] = _load(out)
-            else:
-                for impl in args.impls.split(","):
-                    models[f"mixtral[{impl}] top-{k}"] = _load(out, experts_implementation=impl)
+            default = _load(out)
+            defaults[label] = default.config._experts_implementation
+            models[f"{label}[default] top-{k}"] = default
+            for impl in _implementations(args, k, skipped):
+                models[f"{label}[{impl}] top-{k}"] = _load(out, experts_implementation=impl)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = models["bundled top-2"](ids).logits
-        mixtral = models[next(n for n in models if n.startswith("mixtral") and n.endswith("top-2"))](ids).logits
-    same_weights_diff = float((reference - mixtral).abs().max())
+        reference = models["bundled[default] top-2"](ids).logits
+        same_weights_diff = max(float((models[name](ids).logits - reference).abs().max())
+                                for name in models if name.endswith("top-2"))
     for model in models.values():  # warm-up
         _time(model, ids)
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -82,15 +104,20 @@ def run(args) -> dict:
             for name, t in times.items()}
     summary = {}
     for k in (2, 1):
-        mixtral_best = max((n for n in rows if n.startswith("mixtral") and n.endswith(f"top-{k}")),
-                           key=lambda n: rows[n]["tokens_per_s"])
+        def best(label):
+            return max((n for n in rows if n.startswith(label) and n.endswith(f"top-{k}")),
+                       key=lambda n: rows[n]["tokens_per_s"])
+
+        default = f"bundled[default] top-{k}"
         summary[f"top-{k}"] = {
-            "best_mixtral": mixtral_best,
-            "bundled_vs_best_mixtral": rows[f"bundled top-{k}"]["tokens_per_s"] / rows[mixtral_best]["tokens_per_s"],
-            "dense_vs_bundled_time": rows[f"bundled top-{k}"]["best_s"] / rows["dense"]["best_s"],
+            "best_mixtral": best("mixtral"), "best_bundled": best("bundled"),
+            "bundled_default_vs_best_mixtral": rows[default]["tokens_per_s"] / rows[best("mixtral")]["tokens_per_s"],
+            "bundled_best_vs_best_mixtral": rows[best("bundled")]["tokens_per_s"] / rows[best("mixtral")]["tokens_per_s"],
+            "bundled_default_vs_dense_time": rows[default]["best_s"] / rows["dense"]["best_s"],
         }
     return {"settings": vars(args), "threads": torch.get_num_threads(), "tokens_per_forward": tokens,
-            "max_logit_diff_bundled_vs_mixtral": same_weights_diff, "rows": rows, "summary": summary}
+            "default_implementation": defaults, "skipped": skipped,
+            "max_logit_diff_top2_vs_bundled_default": same_weights_diff, "rows": rows, "summary": summary}
 
 
 def main() -> None:
@@ -106,18 +133,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", default="eager,batched_mm,grouped_mm",
                         help="Mixtral experts implementations to time (comma-separated)")
+    parser.add_argument("--max-impl-gb", type=float, default=2.0,
+                        help="skip an implementation that would allocate more than this per layer (GiB)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     result = run(args)
-    print(f"{result['tokens_per_forward']} tokens per forward, {result['threads']} threads; "
-          f"max |logit diff| bundled vs mixtral (same weights): {result['max_logit_diff_bundled_vs_mixtral']:.2e}")
-    print(f"{'model':28s} {'tokens/s (best)':>16s} {'best s':>8s} {'median s':>9s}")
+    print(f"{args.batch}x{args.seq} = {result['tokens_per_forward']} tokens per forward, {result['threads']} threads; "
+          f"default experts implementation {result['default_implementation']}; max |logit diff| of every top-2 "
+          f"model vs the bundled default (same weights): {result['max_logit_diff_top2_vs_bundled_default']:.2e}")
+    for name, why in result["skipped"].items():
+        print(f"skipped {name}: {why}")
+    print(f"{'model':32s} {'tokens/s (best)':>16s} {'best s':>8s} {'median s':>9s}")
     for name, row in result["rows"].items():
-        print(f"{name:28s} {row['tokens_per_s']:16.0f} {row['best_s']:8.3f} {row['median_s']:9.3f}")
+        print(f"{name:32s} {row['tokens_per_s']:16.0f} {row['best_s']:8.3f} {row['median_s']:9.3f}")
     for k, s in result["summary"].items():
-        print(f"{k}: bundled / {s['best_mixtral']} throughput = {s['bundled_vs_best_mixtral']:.2f}x; "
-              f"bundled time / dense time = {s['dense_vs_bundled_time']:.2f}x")
+        print(f"{k}: bundled[default] / {s['best_mixtral']} throughput = {s['bundled_default_vs_best_mixtral']:.2f}x "
+              f"({s['best_bundled']}: {s['bundled_best_vs_best_mixtral']:.2f}x); "
+              f"bundled[default] time / dense time = {s['bundled_default_vs_dense_time']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 

@@ -186,18 +186,13 @@ def readme(results: dict) -> str:
     ratios = [x["wall_over_floor"] for x in runs]
     rss = max(x["peak_rss_bytes"] for x in runs)
     smol = results["e2e_smollm2"][-1]["rows"]
-    bundled = results["bench_bundled"][-1]
-    top2 = bundled["rows"]["summary"]["top-2"]
-    s = bundled["settings"]
     return (
         f"- A synthetic 1.1B bf16 Llama into 8 experts ({runs[0]['output_bytes'] / 1e9:.1f} GB written) runs at "
         f"{_span(ratios)}x the time `dd\n  conv=fsync` needs to write the same bytes, with "
         f"{rss / 1e9:.2f} GB peak RSS (shards are streamed with direct\n  I/O; unchanged tensors are copied as raw bytes). "
         f"`upcycle --help` starts in {conv['rows']['help_median_s']:.2f} s (commit {conv['commit']}, {conv['date'][:10]}).\n"
         f"- SmolLM2-135M (GGUF) into 8 experts: max |Δlogit| {smol['max_abs_logit_diff_fp32']:.1e} at fp32, greedy "
-        f"generations identical\n  (commit {results['e2e_smollm2'][-1]['commit']}).\n"
-        f"- The bundled model runs {top2['bundled_vs_best_mixtral']:.2f}x the tokens/s of transformers' Mixtral on the "
-        f"same weights (CPU, {s['batch']}x{s['seq']};\n  commit {bundled['commit']}).\n")
+        f"generations identical\n  (commit {results['e2e_smollm2'][-1]['commit']}).\n")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {

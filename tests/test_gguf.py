@@ -104,6 +104,11 @@ def test_gguf_source_is_exact(tmp_path, tiny_gguf, as_folder):
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     assert float((_logits(dense, ids) - _logits(moe, ids)).abs().max()) <= EXACT_ATOL
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert read_json(out / "tokenizer_config.json")["tokenizer_class"] == "PreTrainedTokenizerFast"
+    from transformers import AutoTokenizer
+
+    dense_tok = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    assert AutoTokenizer.from_pretrained(out)("abc d!").input_ids == dense_tok("abc d!").input_ids
 
 
 def test_gguf_verify_and_dry_run(tmp_path, tiny_gguf):

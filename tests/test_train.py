@@ -186,6 +186,28 @@ def test_data_formats_pack_the_same_tokens(tmp_path):
     assert torch.equal(packed[1]["labels"], packed[1]["input_ids"])
 
 
+def test_seq_len_defaults_to_the_model_limit_and_says_so(work):
+    """The tiny model allows 256 positions: the default 1024 is capped and the CLI says what it chose."""
+    out = work["folder"] / "default-seq"
+    result = CliRunner().invoke(cli, ["train", str(work["moe"]), "--data", str(work["data"]), "--output", str(out),
+                                      "--max-steps", "2", "--batch-size", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "--seq-len 256: the model's max_position_embeddings" in result.stderr
+    run = read_json(out / "upcycle_recipe.json")["upcycle"]["training"][-1]
+    assert run["seq_len"] == 256 and "max_position_embeddings" in run["seq_len_chosen"]
+
+
+@pytest.mark.parametrize(("limit", "requested", "chosen"), [(256, None, 256), (4096, None, 1024), (None, None, 1024),
+                                                            (4096, 2048, 2048)])
+def test_choose_seq_len(limit, requested, chosen):
+    from types import SimpleNamespace
+
+    from upcycle.train.moe_model import choose_seq_len
+
+    config = SimpleNamespace(max_position_embeddings=limit)
+    assert choose_seq_len(config, requested)[0] == chosen
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "seq_len", "dense", "groups"])
 def test_user_errors_are_one_line(work, case):
     folder = work["folder"]

@@ -47,6 +47,51 @@ def repo_id_from_cache_path(folder: Path) -> Optional[str]:
     return f"{match['org']}/{match['name']}" if match else None
 
 
+def check_base_model(repo_id: str) -> str:
+    """``repo_id`` when it is a valid Hub model id (``namespace/name``), else a :class:`RecipeError` saying why."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .errors import RecipeError
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = str(exc).splitlines()[0].rstrip(".")
+        raise RecipeError(f"--base-model {repo_id!r} is not a Hub repo id ({reason}); give the dense model's "
+                          "id as namespace/name, e.g. HuggingFaceTB/SmolLM2-135M") from None
+    return repo_id
+
+
+def repo_id_from_config(folder: Path) -> Optional[str]:
+    """The ``_name_or_path`` that transformers 4 wrote into ``folder/config.json``, when it names a Hub repo
+    (``namespace/name``, not a local path)."""
+    import json
+
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        name = json.loads((Path(folder) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "~")) or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def resolve_base_model(explicit: Optional[str], repo_id: Optional[str], folder: Path) -> Optional[str]:
+    """The card's ``base_model``: ``explicit`` (checked), else the source's Hub repo id, else one derived from a
+    Hugging Face cache snapshot path, else the config's ``_name_or_path`` when that is a repo id."""
+    if explicit:
+        return check_base_model(explicit)
+    return repo_id or repo_id_from_cache_path(folder) or repo_id_from_config(folder)
+
+
 def base_model_relation(base_model: Union[str, Sequence[str], None]) -> Optional[str]:
     """``finetune`` for one base model, ``merge`` for several, None without one."""
     if not base_model:

@@ -67,10 +67,12 @@ def cli() -> None:
               show_default=True, help="Precision of calibration and the check (not of the output: see --dtype).")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload the output to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--base-model", metavar="REPO_ID", help="The dense model's Hub id for the card's base_model.  "
+              "[default: SOURCE's id, derived from a HF cache folder or config _name_or_path]")
 @_user_errors
 def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_run: bool, as_json: bool,
             quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, device: str,
-            compute_dtype: str, extra_options: tuple[str, ...], **options: Any) -> None:
+            compute_dtype: str, base_model: str | None, extra_options: tuple[str, ...], **options: Any) -> None:
     """Convert the dense model SOURCE (folder, .gguf file or Hub repo id) into an MoE at OUTPUT."""
     from .quiet import quiet_libraries
     from .convert import convert as run_convert
@@ -80,11 +82,16 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     options = {**parse_options(extra_options), **{k: v for k, v in options.items() if v is not None}}
     result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
-                         push_to_hub=push_to_hub, hub_private=private, device=device, compute_dtype=compute_dtype,
+                         push_to_hub=push_to_hub, hub_private=private, device=device, compute_dtype=compute_dtype, base_model=base_model,
                          **options)
     s = result.summary
+    from .engines import engine_warnings
+
+    limits = engine_warnings(s)
+    for line in limits:  # known engine limits the plan hits (docs/engines.md)
+        click.echo(f"warning: {line}", err=True)
     if as_json:
-        click.echo(json.dumps({**s, "output": str(result.output) if result.output else None,
+        click.echo(json.dumps({**s, "engine_limits": limits, "output": str(result.output) if result.output else None,
                                "dry_run": dry_run, "files": result.files, "verification": result.verification,
                                "pushed": result.pushed.url if result.pushed else None}, indent=2))
         return

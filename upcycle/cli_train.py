@@ -19,7 +19,8 @@ from .cli_common import _user_errors
 @click.option("--learning-rate", "--lr", type=float, default=2e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per device per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--seq-len", type=int, default=1024, show_default=True, help="Tokens per packed sequence.")
+@click.option("--seq-len", type=int, help="Tokens per packed sequence.  [default: 1024, or the model's "
+              "max_position_embeddings when smaller]")
 @click.option("--warmup", type=int, default=0, show_default=True, help="Warm-up steps of the linear schedule.")
 @click.option("--bf16", is_flag=True, help="bfloat16 mixed precision.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
@@ -50,6 +51,8 @@ def train_cmd(model: str, data: str, output: str, train_groups: str, as_json: bo
 
     if options["quiet"]:
         quiet_libraries()
+    if options["seq_len"] is None and _is_main_process():
+        _say_default_seq_len(model)
     result = train(model, data, output, TrainOptions(train=train_groups, **options))
     if not _is_main_process():
         return
@@ -63,6 +66,18 @@ def train_cmd(model: str, data: str, output: str, train_groups: str, as_json: bo
     if load:
         click.echo(f"  expert load (last window): cv {load['cv_mean']:.3f} (max {load['cv_max']:.3f}), shares "
                    f"{load['min_share']:.3f}..{load['max_share']:.3f} (uniform {1 / load['num_experts']:.3f})")
+
+
+def _say_default_seq_len(model: str) -> None:
+    """Say on stderr which --seq-len train() will choose for MODEL (nothing without a config: train() says why)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .train.moe_model import choose_seq_len
+
+    if (Path(model) / "config.json").is_file():
+        click.echo(choose_seq_len(AutoConfig.from_pretrained(model), None)[1], err=True)
 
 
 def _is_main_process() -> bool:

@@ -49,7 +49,8 @@ def build_recipe(recipe: Recipe | str | Path | dict | None = None, **overrides: 
 def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path | dict | None = None, *,
             force: bool = False, dry_run: bool = False, quiet: bool = False, verify: Optional[bool] = None,
             push_to_hub: Optional[str] = None, hub_private: bool = False, hub_token: Optional[str] = None,
-            device: str = "cpu", compute_dtype: str = "float32", **overrides: Any) -> ConversionResult:
+            base_model: Optional[str] = None, device: str = "cpu", compute_dtype: str = "float32",
+            **overrides: Any) -> ConversionResult:
     """Convert a dense checkpoint into an MoE checkpoint.
 
     ``source`` is a local folder, a ``.gguf`` file or a Hub repo id; ``recipe`` a :class:`Recipe`, a
@@ -60,14 +61,20 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     writes nothing. ``device`` and ``compute_dtype`` are where and in what precision calibration and
     that check run (cpu, float32: the recorded numbers are then the same on every run).
     ``push_to_hub`` then uploads it to that Hub repo (see :func:`upcycle.hub_push.push`).
+    ``base_model`` is the dense model's Hub repo id for the card; by default it is derived from the source
+    (a Hub id, a Hugging Face cache snapshot folder, or a ``_name_or_path`` repo id in its config).
     """
     from .io import open_source
     from .io.atomic import atomic_folder, check_free_space, check_output
     from .io.config_check import check_required_tensors
     from .plan import make_plan
 
+    from .card import check_base_model
+
     recipe = build_recipe(recipe, **overrides)
     output = Path(output)
+    if base_model:
+        check_base_model(base_model)
     if push_to_hub and not dry_run:
         from .hub_push import check_can_push
 
@@ -97,7 +104,8 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     with atomic_folder(output, force, need_bytes=summary["output_bytes"]) as tmp:
         files = _write_weights(tmp, plan, src, quiet)
         checking = {"verify": verify, "device": device, "dtype": compute_dtype}
-        meta, verification = _write_metadata(tmp, plan, src, config, summary, checking, quiet, push_to_hub)
+        meta, verification = _write_metadata(tmp, plan, src, config, summary, checking, quiet, push_to_hub,
+                                             base_model)
         files += meta
     result = ConversionResult(output, summary, recipe, sorted(files), verification=verification)
     if push_to_hub:
@@ -195,8 +203,9 @@ def _produce(tensor, src, cache):
 
 
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], checking: dict[str, Any],
-                    quiet: bool, repo_id: Optional[str]) -> tuple[list[str], Optional[dict[str, Any]]]:
-    from .card import render_card, repo_id_from_cache_path, source_license
+                    quiet: bool, repo_id: Optional[str],
+                    base_model: Optional[str] = None) -> tuple[list[str], Optional[dict[str, Any]]]:
+    from .card import render_card, resolve_base_model, source_license
     from .io.public_names import public_name, public_recipe
 
     target_config = plan.target.build_config(plan)
@@ -206,15 +215,15 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ch
     generation.save_pretrained(folder)
     written.append("generation_config.json")
     written += src.save_tokenizer(folder)
-    provenance = {"source": public_name(src.spec, src.repo_id or repo_id_from_cache_path(src.folder)),
-                  "source_commit": src.commit, "versions": library_versions(), **summary}
+    base_model = resolve_base_model(base_model, src.repo_id, src.folder)
+    provenance = {"source": public_name(src.spec, src.repo_id or base_model),
+                  "source_commit": src.commit, "base_model": base_model, "versions": library_versions(), **summary}
     recipe_dict = public_recipe(plan.recipe.to_dict())
     written.append(write_recipe(folder, recipe_dict, provenance))
     verification = _verify_output(folder, src, summary, quiet, **checking)
     if verification is not None:
         provenance["verification"] = verification
         write_recipe(folder, recipe_dict, provenance)
-    base_model = src.repo_id or repo_id_from_cache_path(src.folder)
     licence = source_license(src.folder)
     if plan.dense_config.get("license") and "license" not in licence:
         licence["license"] = plan.dense_config["license"]

@@ -16,6 +16,7 @@ import torch
 from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
 from .safetensors_format import TensorInfo
 from .source import DenseSource
+from .tokenizer_files import make_tokenizer_config_portable
 
 
 class GGUFSource(DenseSource):
@@ -106,7 +107,9 @@ class GGUFSource(DenseSource):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.file.name)
-        return [Path(p).name for p in tokenizer.save_pretrained(dest)]
+        written = [Path(p).name for p in tokenizer.save_pretrained(dest)]
+        make_tokenizer_config_portable(dest)
+        return written
 
     def generation_config(self, config: Any) -> Any:
         from transformers import GenerationConfig

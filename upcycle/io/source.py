@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from .safetensors_format import TensorInfo
+from .tokenizer_files import make_tokenizer_config_portable
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -63,6 +64,7 @@ class DenseSource(ABC):
             if (self.folder / name).is_file():  # a link to a file elsewhere (a private key, ...) is refused
                 shutil.copyfile(inside_folder(self.folder, name, str(self.folder)), dest / name)
                 written.append(name)
+        make_tokenizer_config_portable(dest)
         return written
 
     def generation_config(self, config: Any) -> Any:

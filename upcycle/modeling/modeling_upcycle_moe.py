@@ -14,24 +14,40 @@ dense model's key and attention, norms and positions are the dense model's code.
     <layers_module>.<i>.<mlp_module>.experts.<e>.down_proj.{weight,bias}  [H, F]
     <layers_module>.<i>.<mlp_module>.shared_experts.{gate,up,down}_proj.* (when shared width > 0)
     <layers_module>.<i>.<mlp_module>.shared_expert_gate.weight            [1, H] (when gated)
+
+In memory the routed experts of a block are one :class:`UpcycleMoeExperts` module holding stacked tensors in
+transformers' fused layout (``gate_up_proj [E, 2F, H]`` or ``up_proj [E, F, H]``, ``down_proj [E, H, F]``,
+biases ``[E, 2F]``/``[E, F]``/``[E, H]``), so it runs on transformers' own experts implementations
+(``transformers.integrations.moe``: ``eager`` = this file's grouped loop, ``grouped_mm``, ``batched_mm`` and
+kernels registered with ``ExpertsInterface``), chosen by ``experts_implementation=`` at load time or
+``model.set_experts_implementation``. transformers' weight-conversion mechanism (the one that fuses Mixtral's
+per-expert keys) maps the per-expert keys above to the fused tensors on load and back on save, so checkpoints
+keep the per-expert layout.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_upcycle_moe import UpcycleMoeConfig
 
 
 class UpcycleMoeExpert(nn.Module):
-    """One feed-forward expert: ``down(act(gate(x)) * up(x))``, or ``down(act(up(x)))`` when not gated."""
+    """One feed-forward expert: ``down(act(gate(x)) * up(x))``, or ``down(act(up(x)))`` when not gated.
+
+    The shared expert is one; ``UpcycleMoeExperts[e]`` returns another whose weights are views of the
+    fused tensors (for inspection and in-place edits such as ``load_state_dict``, not for training).
+    """
 
     def __init__(self, hidden_size: int, width: int, gated: bool, bias: bool, act: str):
         super().__init__()
@@ -40,18 +56,169 @@ class UpcycleMoeExpert(nn.Module):
         self.down_proj = nn.Linear(width, hidden_size, bias=bias)
         self.act_fn = ACT2FN[act]
 
+    @classmethod
+    def of_tensors(cls, gate: Optional[tuple], up: tuple, down: tuple, act_fn) -> "UpcycleMoeExpert":
+        """An expert over existing ``(weight, bias)`` tensors, sharing their storage."""
+        expert = cls.__new__(cls)
+        nn.Module.__init__(expert)
+        expert.gate_proj = _linear_over(*gate) if gate is not None else None
+        expert.up_proj, expert.down_proj, expert.act_fn = _linear_over(*up), _linear_over(*down), act_fn
+        return expert
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
+def _linear_over(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """An ``nn.Linear`` whose parameters alias ``weight`` and ``bias`` (nothing is allocated or copied)."""
+    linear = nn.Linear(1, 1, bias=False, device="meta")
+    linear.out_features, linear.in_features = weight.shape
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+    return linear
+
+
+@use_experts_implementation
+class _FusedExperts(nn.Module):
+    """The routed experts of one block as stacked tensors, run by ``config._experts_implementation``.
+
+    ``forward`` here is the ``eager`` implementation: one stable sort groups the (token, expert) slots by
+    expert, each expert runs once on its contiguous slice, and the weighted outputs are summed per token in
+    fp32. The other implementations come from ``transformers.integrations.moe``.
+    """
+
+    def __init__(self, config: UpcycleMoeConfig):
+        super().__init__()
+        hidden, width, experts = config.text_config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.num_experts, self.hidden_dim, self.intermediate_dim = experts, hidden, width
+        gated, bias = config.mlp_gated, config.mlp_bias
+        up_name = "gate_up_proj" if gated else "up_proj"
+        up_rows = 2 * width if gated else width
+        self.register_parameter(up_name, nn.Parameter(torch.empty(experts, up_rows, hidden)))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, width))
+        if bias:
+            self.register_parameter(up_name + "_bias", nn.Parameter(torch.empty(experts, up_rows)))
+            self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
+        self.act_fn = ACT2FN[config.expert_activation]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.eager_forward(hidden_states, top_k_index, top_k_weights)
+
+    def eager_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of ``weight * expert(token)``, grouped by expert."""
+        top_k = top_k_index.shape[-1]
+        flat_ids = top_k_index.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        tokens = order // top_k if top_k > 1 else order
+        picked = hidden_states.index_select(0, tokens)
+        results = torch.empty_like(picked)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                results[start:start + count] = self.expert_forward(expert, picked[start:start + count])
+                start += count
+        slot_weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        weighted = results.float() * slot_weights
+        if top_k == 1:  # each token has one slot: scatter without a sum
+            return torch.empty_like(weighted).index_copy_(0, tokens, weighted).to(hidden_states.dtype)
+        return weighted.new_zeros(hidden_states.shape).index_add_(0, tokens, weighted).to(hidden_states.dtype)
+
+    def _tensors(self, expert: int) -> tuple[Optional[tuple], tuple, tuple]:
+        """``(gate, up, down)`` ``(weight, bias)`` slices of one expert (gate None when not gated)."""
+        down = (self.down_proj[expert], self.down_proj_bias[expert] if self.has_bias else None)
+        if not self.has_gate:
+            return None, (self.up_proj[expert], self.up_proj_bias[expert] if self.has_bias else None), down
+        width = self.intermediate_dim
+        weight, bias = self.gate_up_proj[expert], self.gate_up_proj_bias[expert] if self.has_bias else None
+        halves = [(weight[i * width:(i + 1) * width], bias[i * width:(i + 1) * width] if bias is not None else None)
+                  for i in (0, 1)]
+        return halves[0], halves[1], down
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens ``x`` [n, H]."""
+        down_w = self.down_proj[expert]
+        down_b = self.down_proj_bias[expert] if self.has_bias else None
+        if self.has_gate:
+            gate_up = F.linear(x, self.gate_up_proj[expert], self.gate_up_proj_bias[expert] if self.has_bias else None)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, down_w, down_b)
+        up = F.linear(x, self.up_proj[expert], self.up_proj_bias[expert] if self.has_bias else None)
+        return F.linear(self.act_fn(up), down_w, down_b)
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, index):
+        """Expert ``index`` as an :class:`UpcycleMoeExpert` over views of the fused tensors (a list for a slice)."""
+        if isinstance(index, slice):
+            return [self[i] for i in range(self.num_experts)[index]]
+        index = range(self.num_experts)[index]
+        gate, up, down = self._tensors(index)
+        detach = (lambda pair: tuple(t.detach() if t is not None else None for t in pair))
+        return UpcycleMoeExpert.of_tensors(detach(gate) if gate else None, detach(up), detach(down), self.act_fn)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.num_experts))
+
+
+class UpcycleMoeExperts(_FusedExperts):
+    """:class:`_FusedExperts` with the gate and bias layout of ``config`` (the decorator fixes them per class)."""
+
+    def __init__(self, config: UpcycleMoeConfig):
+        super().__init__(config)
+        self.has_gate, self.has_bias = bool(config.mlp_gated), bool(config.mlp_bias)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if not self.has_gate and not _KERNELS_TAKE_UNGATED:  # older transformers kernels read gate_up_proj
+            return self.eager_forward(hidden_states, top_k_index, top_k_weights)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+#: transformers >= the release whose experts kernels accept non-gated experts (``has_gate``)
+_KERNELS_TAKE_UNGATED = "has_gate" in inspect.signature(use_experts_implementation).parameters
+
+
+def experts_weight_conversions(config: UpcycleMoeConfig) -> list:
+    """transformers weight converters between the per-expert checkpoint keys and the fused tensors.
+
+    The same mechanism fuses Mixtral's ``experts.N.w1/w3`` on load and splits them again on save.
+    """
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    # Patterns are regular expressions (``.`` matches any character): anchoring them on the MLP's attribute
+    # name keeps ``shared_experts.*`` out of them.
+    experts = f"{config.mlp_module}.experts"
+    kinds = ("weight", "bias") if config.mlp_bias else ("weight",)
+    converters = []
+    for kind in kinds:
+        suffix = "" if kind == "weight" else "_bias"
+        if config.mlp_gated:
+            converters.append(WeightConverter(
+                source_patterns=[f"{experts}.*.gate_proj.{kind}", f"{experts}.*.up_proj.{kind}"],
+                target_patterns=f"{experts}.gate_up_proj{suffix}",
+                operations=[MergeModulelist(dim=0), Concatenate(dim=1)]))
+        else:
+            converters.append(WeightConverter(source_patterns=f"{experts}.*.up_proj.{kind}",
+                                              target_patterns=f"{experts}.up_proj{suffix}",
+                                              operations=[MergeModulelist(dim=0)]))
+        converters.append(WeightConverter(source_patterns=f"{experts}.*.down_proj.{kind}",
+                                          target_patterns=f"{experts}.down_proj{suffix}",
+                                          operations=[MergeModulelist(dim=0)]))
+    return converters
+
+
 class UpcycleMoeBlock(nn.Module):
     """Router + routed experts (+ optional shared expert), a drop-in replacement for a dense MLP.
 
-    Routing runs in fp32. Tokens are grouped by expert with one sort, so each expert runs once on a
-    contiguous slice of its tokens (no per-token loop). ``router_logits_sink``, when a list, receives the
-    router logits of each call (the model sets it for the auxiliary losses).
+    Routing runs in fp32; the routed experts run on the experts implementation the config selects.
+    ``router_logits_sink``, when a list, receives the router logits of each call (the model sets it for
+    the auxiliary losses).
     """
 
     def __init__(self, config: UpcycleMoeConfig):
@@ -65,9 +232,7 @@ class UpcycleMoeBlock(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.dropout = config.mlp_dropout
         self.router = nn.Linear(hidden, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            UpcycleMoeExpert(hidden, config.moe_intermediate_size, config.mlp_gated, config.mlp_bias, act)
-            for _ in range(config.num_experts))
+        self.experts = UpcycleMoeExperts(config)
         shared = config.shared_expert_intermediate_size
         self.shared_experts = (UpcycleMoeExpert(hidden, shared, config.mlp_gated, config.mlp_bias, act)
                                if shared else None)
@@ -81,7 +246,9 @@ class UpcycleMoeBlock(nn.Module):
         weights, ids = scores.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        return logits, weights * self.routed_scaling_factor, ids
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return logits, weights, ids
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -89,7 +256,7 @@ class UpcycleMoeBlock(nn.Module):
         logits, weights, ids = self.route(x)
         if self.router_logits_sink is not None:
             self.router_logits_sink.append(logits)
-        out = self.dispatch(x, weights, ids)
+        out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
@@ -97,23 +264,6 @@ class UpcycleMoeBlock(nn.Module):
             out = out + shared
         out = F.dropout(out, p=self.dropout, training=self.training)
         return out.reshape(shape)
-
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sum of ``weight * expert(x)`` over each token's chosen experts, grouped by expert."""
-        flat_ids = ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        tokens = order // self.top_k
-        picked = x.index_select(0, tokens)
-        slot_weights = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        results = torch.empty_like(picked)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                results[start:start + count] = expert(picked[start:start + count])
-                start += count
-        results = (results.float() * slot_weights).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tokens, results)
 
 
 def _get_path(module: nn.Module, path: str) -> nn.Module:
@@ -241,6 +391,26 @@ def native_checkpoint_config(path, kwargs: dict):
     return config, _NATIVE_KEYS[model_type]
 
 
+def _init_experts(module: nn.Module, config: UpcycleMoeConfig) -> None:
+    """Fused expert tensors: normal(0, initializer_range) weights, zero biases (no-op for other modules)."""
+    if not isinstance(module, UpcycleMoeExperts):
+        return
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    for name, param in module.named_parameters(recurse=False):
+        if name.endswith("_bias"):
+            init.zeros_(param)
+        else:
+            init.normal_(param, mean=0.0, std=std)
+
+
+def _also_init_experts(dense_init, config: UpcycleMoeConfig):
+    """A dense sub-model's ``_init_weights`` that also initialises the fused experts placed inside it."""
+    def init_weights(module):
+        dense_init(module)
+        _init_experts(module, config)
+    return init_weights
+
+
 class UpcycleMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycleMoeConfig
     base_model_prefix = ""
@@ -250,6 +420,20 @@ class UpcycleMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    def get_correct_experts_implementation(self, requested_experts: Optional[str]) -> str:
+        """transformers' choice, except that without a GPU (or other accelerator) the default is ``eager``:
+        on CPU the grouped loop is as fast as ``grouped_mm`` or faster (docs/benchmarks.md, issue 15)."""
+        if requested_experts is None and not _accelerator_available():
+            return "eager"
+        return super().get_correct_experts_implementation(requested_experts)
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
@@ -277,14 +461,27 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: UpcycleMoeConfig):
         super().__init__(config)
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+        # from_pretrained reads the converters by class name right after building the model: register this
+        # config's layout (gated or not, biases or not); save_pretrained reverses the instance's own list.
+        conversions = experts_weight_conversions(config)
+        for name in (type(self).__name__, config.model_type):  # by class name, or model_type (transformers 5.0)
+            register_checkpoint_conversion_mapping(name, conversions, overwrite=True)
+        self._weight_conversions = conversions
+
         dense_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+        # The dense classes have no experts: an implementation requested for this model (and copied into the
+        # text config by transformers) is not theirs to check.
+        config.text_config._experts_implementation_internal = "eager"
         dense = dense_cls(config.text_config)
         # The dense model is not a child: its top-level modules are, so the keys stay the dense ones.
         object.__setattr__(self, "dense", dense)
         for name, child in list(dense.named_children()):
             self.add_module(name, child)
+            if isinstance(child, PreTrainedModel):  # transformers initialises a sub-model's modules with its own
+                child._init_weights = _also_init_experts(child._init_weights, config)  # _init_weights
         self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
         self._no_split_modules = getattr(dense, "_no_split_modules", None)
         layers = _get_path(dense, config.layers_module)
@@ -298,6 +495,7 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         self.dense._init_weights(module)  # the dense family's init, with its initializer_range
+        _init_experts(module, self.config)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -350,4 +548,5 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
                                          router_logits=tuple(sink) if sink else None)
 
 
-__all__ = ["UpcycleMoeForCausalLM", "UpcycleMoePreTrainedModel", "UpcycleMoeBlock", "UpcycleMoeExpert"]
+__all__ = ["UpcycleMoeForCausalLM", "UpcycleMoePreTrainedModel", "UpcycleMoeBlock", "UpcycleMoeExpert",
+           "UpcycleMoeExperts", "experts_weight_conversions"]

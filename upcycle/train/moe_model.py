@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..checkpoint import expert_count, experts_per_token
 from ..errors import RecipeError, UnsupportedArchitectureError
 from ..runner.routing import router_modules
 
+DEFAULT_SEQ_LEN = 1024  # capped at the model's max_position_embeddings
 TRAIN_GROUPS = ("experts", "routers", "attention", "embeddings", "norms", "all")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -38,6 +39,22 @@ def text_attr(config: Any, name: str) -> Any:
     if value is None and hasattr(config, "get_text_config"):
         value = getattr(config.get_text_config(), name, None)
     return value
+
+
+def choose_seq_len(config: Any, requested: Optional[int]) -> tuple[int, str]:
+    """The sequence length to train with and a line saying how it was chosen.
+
+    ``None`` takes the smaller of :data:`DEFAULT_SEQ_LEN` and the model's ``max_position_embeddings``;
+    a length the user gave is checked against that limit.
+    """
+    if requested is not None:
+        check_seq_len(config, requested)
+        return requested, f"--seq-len {requested}"
+    limit = text_attr(config, "max_position_embeddings")
+    if limit and limit < DEFAULT_SEQ_LEN:
+        return int(limit), (f"--seq-len {limit}: the model's max_position_embeddings, shorter than the "
+                            f"default {DEFAULT_SEQ_LEN}")
+    return DEFAULT_SEQ_LEN, f"--seq-len {DEFAULT_SEQ_LEN}: the default"
 
 
 def check_seq_len(config: Any, seq_len: int) -> None:

@@ -23,7 +23,7 @@ class TrainOptions:
     learning_rate: float = 2e-5
     batch_size: int = 8
     grad_accum: int = 1
-    seq_len: int = 1024
+    seq_len: Optional[int] = None  # None: 1024, or max_position_embeddings when smaller
     warmup: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -118,15 +118,17 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
 
     from ..tokenizer import load_tokenizer
     from .data import load_packed
-    from .moe_model import check_seq_len, load_moe_config, parse_train_groups, text_attr
+    from .moe_model import choose_seq_len, load_moe_config, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
     from .provenance import copy_code_files, record_training
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
+    _check_sharding_launcher()
     model_path, output = model_folder(model_path), Path(output)
     config, num_experts, top_k = load_moe_config(model_path)
-    check_seq_len(config, options.seq_len)
+    seq_len, seq_len_note = choose_seq_len(config, options.seq_len)
+    options = dataclasses.replace(options, seq_len=seq_len)
     groups = parse_train_groups(options.train)
     resume_from = _resume_checkpoint(output, options)
     aux_coef = options.aux_loss_coef if options.aux_loss_coef is not None else \
@@ -149,7 +151,8 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     run = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": str(model_path), "data": str(data), "tokens": dataset.num_tokens,
-        "sequences": len(dataset), "seq_len": options.seq_len, "steps": trainer.state.global_step,
+        "sequences": len(dataset), "seq_len": options.seq_len, "seq_len_chosen": seq_len_note,
+        "steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0), 4), "learning_rate": options.learning_rate,
         "warmup": options.warmup, "effective_batch_size": options.batch_size * options.grad_accum * args.world_size,
         "world_size": args.world_size, "aux_loss_coef": aux_coef, "z_loss_coef": options.z_loss_coef,
@@ -237,6 +240,20 @@ def _dtype_of(config: Any) -> Any:
 
     dtype = getattr(config, "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _check_sharding_launcher() -> None:
+    """Refuse an FSDP launch on a machine without GPU: accelerate enables FSDP only on accelerators and would
+    run plain DDP (every process holding the whole model) without saying so."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_accelerator():
+        import accelerate
+
+        raise RecipeError(f"FSDP was requested (accelerate launch with an FSDP config), but accelerate "
+                          f"{accelerate.__version__} shards only on GPUs and would run unsharded DDP on this CPU-only "
+                          "machine; launch without the FSDP config for DDP over gloo, or shard on CPU with "
+                          "torchrun --nproc_per_node N examples/fsdp2_train.py (FSDP2 fully_shard)")
 
 
 def _has_accelerator() -> bool:

@@ -1,0 +1,55 @@
+"""examples/trl_sft.py: TRL's SFTTrainer fine-tunes an upcycled Mixtral with the router aux loss in the loss."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_dense, save_tiny_tokenizer
+
+from upcycle.convert import convert
+
+pytest.importorskip("trl")
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a of to and in is it that was for on are as with his they at be this from".split()
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("trl_sft_example", ROOT / "examples" / "trl_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trl")
+    dense = make_dense("llama", folder / "dense")
+    save_tiny_tokenizer(dense)
+    convert(dense, folder / "moe", num_experts=4, top_k=2, router_std=0.5, quiet=True, verify=False)
+    convert(dense, folder / "bundled", target="upcycle", num_experts=4, top_k=2, quiet=True, verify=False)
+    lines = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(8 + (5 * i) % 20)) for i in range(120)]
+    (folder / "data.txt").write_text("\n".join(lines))
+    return folder
+
+
+def test_sft_trains_with_the_aux_loss(work):
+    from transformers import AutoModelForCausalLM
+
+    out = work / "sft"
+    summary = _example().main([str(work / "moe"), str(work / "data.txt"), str(out), "--max-steps", "6",
+                               "--batch-size", "4", "--max-length", "32", "--learning-rate", "3e-3",
+                               "--aux-loss-coef", "0.02"])
+    assert summary["steps"] == 6 and summary["aux_loss_enabled"] and summary["router_aux_loss_coef"] == 0.02
+    assert all(a is not None and a > 0 for a in summary["aux_losses"])
+    assert summary["losses"][-1] < summary["losses"][0]
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    assert type(trained).__name__ == "MixtralForCausalLM" and trained.config.output_router_logits is False
+    assert trained.config.router_aux_loss_coef == 0.02
+
+
+def test_bundled_model_is_refused_with_the_reason(work):
+    with pytest.raises(SystemExit, match="upcycle train"):
+        _example().main([str(work / "bundled"), str(work / "data.txt"), str(work / "sft-bundled"), "--max-steps", "1"])
