@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 REPO_PLACEHOLDER = "THIS_REPO"
+REPRODUCE = ("`upcycle_recipe.json` in this repository records the recipe, the source commit and the library\n"
+             "versions; `upcycle convert SOURCE OUT --recipe upcycle_recipe.json` reproduces the conversion.")
 LICENSE_KEYS = ("license", "license_name", "license_link")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}/?$")
 
@@ -74,7 +76,7 @@ def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> st
 def render_card(summary: dict[str, Any], recipe: dict[str, Any], base_model: Union[str, Sequence[str], None],
                 license: Optional[str] = None, verification: Optional[dict[str, Any]] = None, *,
                 license_info: Optional[dict[str, str]] = None, remote_code: bool = False,
-                repo_id: Optional[str] = None):
+                repo_id: Optional[str] = None, reproduce: Optional[str] = None):
     """Build a :class:`huggingface_hub.ModelCard`: Hub metadata, recipe table, parameters, measured
     verification, how to load it and how to fine-tune it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -120,8 +122,7 @@ This Mixture-of-Experts model was made with [upcycle](https://pypi.org/project/u
 |---|---|
 {rows}
 
-`upcycle_recipe.json` in this repository records the recipe, the source commit and the library
-versions; `upcycle convert SOURCE OUT --recipe upcycle_recipe.json` reproduces the conversion.
+{reproduce or REPRODUCE}
 
 ## Use
 

@@ -101,11 +101,12 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
               show_default=True, help="Precision both models run in.")
 @click.option("--atol", type=float, help="Largest |Δlogit| that passes for an exact recipe.  [default: 1e-3 at fp32]")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--force-expert", type=int, help="Send every token to this expert (compare a merge with its source).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_user_errors
 def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype: str, atol: float | None,
-           device: str, as_json: bool, quiet: bool) -> None:
+           device: str, force_expert: int | None, as_json: bool, quiet: bool) -> None:
     """Check that MOE computes what DENSE computed: max |Δlogit|, mean KL, greedy agreement.
 
     Exits 1 when MOE's recipe claims exactness and the logits differ by more than --atol.
@@ -116,7 +117,7 @@ def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype
 
     quiet_libraries(progress=not quiet)
     report = run_verify(dense, moe, read_prompts(prompts) if prompts else None, max_new_tokens=max_new_tokens,
-                        dtype=dtype, atol=atol, device=device, quiet=quiet)
+                        dtype=dtype, atol=atol, device=device, quiet=quiet, force_expert=force_expert)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -180,3 +181,6 @@ cli.add_command(_push_command)
 
 from .cli_train import train_cmd  # noqa: E402  (its own module; imports only click)
 cli.add_command(train_cmd)
+
+from .cli_merge import merge_cmd  # noqa: E402  (its own module; imports only click)
+cli.add_command(merge_cmd)

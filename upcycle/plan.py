@@ -170,6 +170,8 @@ def _output_dtype(recipe: Recipe, infos: dict[str, TensorInfo]) -> str:
 
 
 def _expert_maker(key: str, proj: str, sl: ExpertSlice, dtype: torch.dtype) -> Callable[[SourceCache], torch.Tensor]:
+    key = sl.key(key)
+
     def make(cache: SourceCache) -> torch.Tensor:
         if sl.is_copy:
             return cache.get(key, dtype)
@@ -206,8 +208,8 @@ def slice_tensor(plan: "ConversionPlan", name: str, layer: int, proj: str, sl: E
     width = sl.width(plan.dense_size)
     shape = (plan.hidden_size, width) if proj == "down" else (width, plan.hidden_size)
     dtype, key = DTYPES[plan.dtype_name], plan.family.mlp_key(layer, proj)
-    return OutTensor(TensorSpec(name, shape, dtype), key, _expert_maker(key, proj, sl, dtype), expert_of=expert_of,
-                     copy_of=key if sl.is_copy else None)
+    return OutTensor(TensorSpec(name, shape, dtype), sl.key(key), _expert_maker(key, proj, sl, dtype),
+                     expert_of=expert_of, copy_of=sl.key(key) if sl.is_copy else None)
 
 
 def _expert_shape(info: TensorInfo, proj: str, width: int) -> tuple[int, ...]:
@@ -277,11 +279,13 @@ def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> No
 
 
 def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
-              data: Optional[Callable[[int], LayerData]] = None) -> ConversionPlan:
+              data: Optional[Callable[[int], LayerData]] = None,
+              layer_experts: Optional[Callable[[MethodContext], LayerExperts]] = None) -> ConversionPlan:
     """Resolve family, target, experts and every output tensor.
 
     Without ``data`` nothing but shapes is read (data-aware partitions take their shapes from the
     contiguous layout); with it, ``data(layer)`` gives the dense matrices and calibration statistics.
+    ``layer_experts`` replaces the recipe's expert method (``upcycle merge`` builds experts from other sources).
     """
     recipe.validate()
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -301,10 +305,12 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
         layer_data[layer] = data(layer) if data is not None else None
         ctx = MethodContext(layer, plan.dense_size, plan.hidden_size, recipe.num_experts, recipe.top_k,
                             _layer_generator(recipe.seed, layer, 0), recipe.extra, recipe, layer_data[layer])
-        experts = target.adjust_experts(plan, layer, method.build(ctx))
+        experts = target.adjust_experts(plan, layer, (layer_experts or method.build)(ctx))
         plan.layers[layer] = add_noise(experts, recipe.noise_std, _layer_generator(recipe.seed, layer, 2))
     if recipe.shared_experts:
         plan.shared_size = plan.dense_size // recipe.granularity * recipe.shared_experts
+    elif any(l.shared is not None for l in plan.layers.values()):
+        plan.shared_size = max(l.shared.width(plan.dense_size) for l in plan.layers.values() if l.shared is not None)
 
     out_dtype = DTYPES[plan.dtype_name]
     tied = bool(cfg.get("tie_word_embeddings", False))

@@ -97,6 +97,42 @@ def _claims_exact(moe_path: Path) -> bool:
     return bool(json.loads(recipe.read_text()).get("upcycle", {}).get("exact", False))
 
 
+def _claims_forced_exact(moe_path: Path, expert: int) -> bool:
+    """True when the merge recorded that routing every token to ``expert`` reproduces its source exactly."""
+    recipe = moe_path / "upcycle_recipe.json"
+    if not recipe.is_file():
+        return False
+    forced = json.loads(recipe.read_text()).get("upcycle", {}).get("merge", {}).get("forced_exact") or []
+    return 0 <= expert < len(forced) and bool(forced[expert])
+
+
+def route_all_to_expert(model, expert: int) -> None:
+    """Make every routed expert of each MoE layer a copy of ``expert``: with renormalised top-k weights this is
+    the same as sending every token to ``expert`` alone, for any top-k. Experts are found as
+    ``...experts.<e>...`` modules or as fused/packed ``[num_experts, ...]`` tensors (3-d)."""
+    import re
+
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = next((getattr(config, k, None) or getattr(model.config, k, None) for k in
+                  ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                  if getattr(config, k, None) or getattr(model.config, k, None)), None)
+    if count is None or not 0 <= expert < count:
+        raise RecipeError(f"--force-expert {expert}: the MoE has {count or 'no'} experts")
+    if getattr(config, "norm_topk_prob", True) is False:
+        raise RecipeError("--force-expert needs renormalised top-k weights (norm_topk_prob=true)")
+    params = dict(model.named_parameters())
+    per_expert = re.compile(r"\.experts\.(\d+)\.")
+    with torch.no_grad():
+        for name, param in params.items():
+            match = per_expert.search(name)
+            if match:
+                param.copy_(params[per_expert.sub(f".experts.{expert}.", name, count=1)])
+            elif param.dim() == 3 and param.shape[0] == count:
+                param.copy_(param[expert].expand_as(param))
+
+
 def _stored_dtype(moe_path: Path, default: str) -> str:
     """The dtype the MoE's weights are stored in, from its config."""
     config = json.loads((moe_path / "config.json").read_text())
@@ -105,7 +141,7 @@ def _stored_dtype(moe_path: Path, default: str) -> str:
 
 
 def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weights_dtype, dtype, device: str,
-         pad_token_id: Optional[int]):
+         pad_token_id: Optional[int], forced: Optional[int] = None):
     """Logits and greedy continuations of every prompt; the model is freed before returning.
 
     Weights are first rounded to ``weights_dtype`` (the MoE's storage precision, so the dense model
@@ -115,6 +151,8 @@ def _run(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weight
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=weights_dtype).to(device, dtype).eval()
+    if forced is not None:
+        route_all_to_expert(model, forced)
     logits, generations = [], []
     with torch.no_grad():
         for ids in encoded:
@@ -142,8 +180,11 @@ def _check_device(device: str) -> None:
 
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
            dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu",
-           quiet: bool = False) -> VerifyReport:
+           quiet: bool = False, force_expert: Optional[int] = None) -> VerifyReport:
     """Run the dense model and the MoE on the same prompts and compare.
+
+    ``force_expert`` sends every token to that expert (see :func:`route_all_to_expert`): compare a merge with the
+    source of that expert.
 
     The models run one after the other, so memory holds one model at a time. ``passed`` is False
     when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
@@ -183,7 +224,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     dense_logits, dense_gen = _run(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_weights,
                                    torch_dtype, device, pad)
     moe_logits, moe_gen = _run({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
-                               torch_weights, torch_dtype, device, pad)
+                               torch_weights, torch_dtype, device, pad, force_expert)
 
     per_prompt, max_diff, kls, matches, agree, total = [], 0.0, [], 0, 0, 0
     for prompt, a, b, ga, gb in zip(prompts, dense_logits, moe_logits, dense_gen, moe_gen):
@@ -195,7 +236,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
                            "greedy_match": same, "dense_tokens": ga, "moe_tokens": gb})
         max_diff, matches, agree, total = max(max_diff, diff), matches + same, agree + agreed, total + len(ga)
         kls.append(kl)
-    exact_expected = _claims_exact(moe_path)
+    exact_expected = _claims_exact(moe_path) if force_expert is None else _claims_forced_exact(moe_path, force_expert)
     atol = DEFAULT_ATOL[dtype] if atol is None else atol
     return VerifyReport(
         max_abs_logit_diff=max_diff,

@@ -20,6 +20,8 @@ class ExpertSlice:
     ``neurons`` of None means every neuron in the dense order. ``reinit`` lists positions (within the
     expert) whose gate/up rows and down column are redrawn from the dense matrices' mean and std;
     ``noise_std`` adds Gaussian noise; both draw from a generator seeded with ``seed``.
+    ``source`` names another checkpoint served by the reader (``upcycle merge``): the expert's FFN matrices
+    are then read under ``f"{source}::{dense_key}"`` instead of the dense key.
     """
 
     neurons: Optional[torch.Tensor] = None
@@ -27,6 +29,11 @@ class ExpertSlice:
     reinit: Optional[torch.Tensor] = None
     noise_std: float = 0.0
     seed: int = 0
+    source: Optional[str] = None
+
+    def key(self, dense_key: str) -> str:
+        """The reader key of this expert's copy of ``dense_key`` (prefixed by ``source`` when set)."""
+        return dense_key if self.source is None else f"{self.source}::{dense_key}"
 
     @property
     def is_copy(self) -> bool:

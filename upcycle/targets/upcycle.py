@@ -42,7 +42,7 @@ def _slice_maker(plan, layer: int, proj: str, kind: str, sl, dtype: torch.dtype,
     family = plan.family
 
     def make(cache) -> torch.Tensor:
-        dense = family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj, kind)
+        dense = family.ffn_matrix(lambda key: cache.get(sl.key(key), torch.float32), layer, proj, kind)
         if zero:
             return torch.zeros(dense.shape, dtype=dtype)
         dim = 1 if proj == "down" and kind == "weight" else 0

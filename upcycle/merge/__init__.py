@@ -1,0 +1,12 @@
+"""``upcycle merge``: an MoE whose experts are the FFNs of several fine-tunes of one base model.
+
+Modules: :mod:`.config` (own format), :mod:`.mergekit` (mergekit-moe YAML), :mod:`.sources` (one reader over
+the sources), :mod:`.routers` / :mod:`.probe` (router rows from prompts and domain text), :mod:`.planning`
+(the converter's plan with experts read from their sources), :mod:`.compare` and :mod:`.specificity`
+(fidelity and routing checks), :mod:`.api` (the function).
+"""
+
+from .api import MergeResult, merge
+from .config import ExpertSpec, MergeConfig, load_config
+
+__all__ = ["ExpertSpec", "MergeConfig", "MergeResult", "load_config", "merge"]
