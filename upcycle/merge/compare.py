@@ -27,7 +27,7 @@ def compare_sources(merged: Any) -> dict[str, SourceMatch]:
     for name in merged.infos:
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        is_ffn = merged.family.mlp_role(name) is not None
+        is_ffn = merged.is_ffn(name)
         reference = merged.base.read(name) if is_ffn else merged.read(name)
         for sid, source in merged.sources.items():
             flags = ffn if is_ffn else shared

@@ -73,13 +73,23 @@ class MergedSource(DenseSource):
         self.spec, self.folder = base.spec, base.folder
         self.repo_id, self.commit = base.repo_id, base.commit
         self._views: dict[str, dict[str, Any]] = {}
+        self._fused_ffn: Optional[set[str]] = None
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
         return self.base.infos
 
+    def is_ffn(self, name: str) -> bool:
+        """True for a base tensor that holds FFN weights (stored fused ones, e.g. Phi-3 ``gate_up_proj``, included)."""
+        if self.family.mlp_role(name) is not None:
+            return True
+        if self._fused_ffn is None:
+            views = self.family.present(_config_dict(self.base.load_config()), self.base.infos)[1]
+            self._fused_ffn = {v.fused for key, v in views.items() if self.family.mlp_role(key) is not None}
+        return name in self._fused_ffn
+
     def _averaged(self, name: str) -> bool:
-        return bool(self.average) and self.family.mlp_role(name) is None and self.base.infos[name].dtype.is_floating_point
+        return bool(self.average) and not self.is_ffn(name) and self.base.infos[name].dtype.is_floating_point
 
     def _source_views(self, sid: str) -> dict[str, Any]:
         if sid not in self._views:
