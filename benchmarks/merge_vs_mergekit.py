@@ -134,14 +134,54 @@ def measure(moe: Path, sources: list[Path]) -> dict[str, object]:
     return out
 
 
+def scaling(work: Path, base: Path, counts: tuple[int, ...] = (2, 6)) -> dict[str, object]:
+    """Peak RSS and wall time of the streaming part alone (router_init zeros, no verification) for merges of
+    ``counts`` distinct sources: memory must not grow with the number of sources."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    sources = []
+    for index in range(max(counts)):
+        folder = work / f"scale-{index}"
+        if not (folder / "model.safetensors").is_file():
+            shutil.copytree(base, folder, dirs_exist_ok=True)
+            state = load_file(folder / "model.safetensors")
+            gen = torch.Generator().manual_seed(100 + index)
+            for key, value in state.items():
+                if ".mlp." in key:
+                    state[key] = (value.float() + torch.randn(value.shape, generator=gen) * 1e-3).to(value.dtype)
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        sources.append(folder)
+    out: dict[str, object] = {}
+    for count in counts:
+        config = work / f"scale-{count}.yaml"
+        config.write_text(yaml.safe_dump({"base_model": str(base), "router_init": "zeros", "top_k": 2,
+                                          "experts": [{"source": str(s)} for s in sources[:count]]}))
+        target = work / f"out-scale-{count}"
+        shutil.rmtree(target, ignore_errors=True)
+        out[f"{count}_sources"] = timed([sys.executable, "-m", "upcycle", "merge", str(config), str(target),
+                                         "--no-verify", "-q"], work / f"scale-{count}.log")
+        out[f"{count}_sources"]["output_mib"] = round(sum(f.stat().st_size for f in target.iterdir()) / 2**20)
+        print(count, json.dumps(out[f"{count}_sources"]), flush=True)
+        shutil.rmtree(target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit-venv", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_merge.json")
+    parser.add_argument("--scaling-only", action="store_true", help="Only the memory-vs-number-of-sources part.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base, sources = prepare(args.work)
+    if args.scaling_only:
+        result = scaling(args.work, base)
+        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        args.out.write_text(json.dumps({**previous, "scaling": result}, indent=2) + "\n")
+        return
     config = write_config(args.work, base, sources)
     results: dict[str, object] = {"config": str(config)}
     for name in ("mergekit", "upcycle"):

@@ -246,6 +246,9 @@ def test_cli_text_output_and_overrides(llama, tmp_path):
     assert result.exit_code == 0, result.output
     assert "(upcycle)" in result.stdout and "every token to expert 1" in result.stdout
     assert read_json(tmp_path / "moe" / "config.json")["dtype"] == "bfloat16"
+    info = upcycle.inspect(tmp_path / "moe")
+    assert (info["recipe"]["method"], info["recipe"]["router_init"], info["num_experts"]) == ("merge", "zeros", 2)
+    assert "note" not in info  # experts are not identical copies
 
 
 def test_bad_configs(llama, tmp_path):

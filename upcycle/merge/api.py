@@ -206,7 +206,9 @@ def _write_provenance(folder: Path, plan, cfg, summary: dict[str, Any], extra: d
 
     merge_info = {**cfg.to_dict(), **extra}
     provenance = {"source": cfg.base, "versions": _versions(), **summary, "merge": merge_info}
-    (folder / RECIPE_FILE).write_text(json.dumps({**plan.recipe.to_dict(), "upcycle": provenance}, indent=2) + "\n")
+    # flat keys say what was done (method merge, the merge's router init): `inspect` reads them
+    recipe = {**plan.recipe.to_dict(), "method": "merge", "router_init": cfg.router_init}
+    (folder / RECIPE_FILE).write_text(json.dumps({**recipe, "upcycle": provenance}, indent=2) + "\n")
 
 
 def _write_model_files(folder: Path, plan, merged, base_config) -> list[str]:
