@@ -116,12 +116,27 @@ def timed(command: list[str], log: Path) -> dict[str, float]:
     return {"wall_s": round(seconds, 1), "peak_rss_mib": round(rss / 1024)}
 
 
+def router_cosine(moe: Path) -> float:
+    """Mean pairwise cosine similarity of the router rows, averaged over layers (how alike the rows are)."""
+    import torch
+    from safetensors.torch import load_file
+
+    values = []
+    for file in sorted(moe.glob("*.safetensors")):
+        for key, rows in load_file(file).items():
+            if key.endswith("gate.weight") and rows.dim() == 2 and rows.shape[0] == len(TOPICS):
+                unit = torch.nn.functional.normalize(rows.float(), dim=1)
+                pairs = torch.triu(torch.ones(len(TOPICS), len(TOPICS), dtype=torch.bool), 1)
+                values.append(float((unit @ unit.t())[pairs].mean()))
+    return round(sum(values) / len(values), 3)
+
+
 def measure(moe: Path, sources: list[Path]) -> dict[str, object]:
     """Routing specificity (config and held-out prompts) and per-source fidelity with forced routing."""
     from upcycle.merge.specificity import routing_specificity
     from upcycle.verify import verify
 
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"router_row_cosine": router_cosine(moe)}
     for split, column in (("config_prompts", 0), ("held_out_prompts", 1)):
         spec = routing_specificity(moe, [TOPICS[name][column] for name in TOPICS])
         out[split] = {"mean_top1": round(spec["mean_top1"], 3), "mean_topk": round(spec["mean_topk"], 3),
