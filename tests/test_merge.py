@@ -4,6 +4,7 @@ init, the targets that can hold a merge, the exactness cases and bad configs (is
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,11 +170,19 @@ def test_targets_hold_the_merge(tmp_path, family, target, expert_key):
         assert expert_key in load_file(tmp_path / "moe" / "model.safetensors")
 
 
+def _in_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+    """A copy of ``folder`` where the Hugging Face cache keeps ``repo_id``'s snapshots (so it has a Hub id)."""
+    org, name = repo_id.split("/")
+    snapshot = cache / f"models--{org}--{name}" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    return snapshot
+
+
 def test_mergekit_config_as_is(llama, tmp_path):
-    text = {"base_model": str(llama["base"]), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
-            "experts": [{"source_model": str(llama["a"]), "positive_prompts": PROMPTS[0],
-                         "negative_prompts": PROMPTS[2]},
-                        {"source_model": str(llama["b"]), "positive_prompts": PROMPTS[1]}]}
+    base, a, b = (_in_hub_cache(llama[k], tmp_path / "hub", f"org/{k}") for k in ("base", "a", "b"))
+    text = {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
+            "experts": [{"source_model": str(a), "positive_prompts": PROMPTS[0], "negative_prompts": PROMPTS[2]},
+                        {"source_model": str(b), "positive_prompts": PROMPTS[1]}]}
     path = tmp_path / "mergekit.yml"
     path.write_text(yaml.safe_dump(text))
     result = run_cli("merge", path, tmp_path / "moe", "--json", "-q")
@@ -183,10 +192,12 @@ def test_mergekit_config_as_is(llama, tmp_path):
     assert all(row["max_abs_logit_diff"] <= 1e-4 for row in s["verification"]["sources"])
     card = (tmp_path / "moe" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model"] == [str(llama["base"]), str(llama["a"]), str(llama["b"])]
+    assert meta["base_model"] == ["org/base", "org/a", "org/b"]
     assert meta["base_model_relation"] == "merge"
     recipe = read_json(tmp_path / "moe" / "upcycle_recipe.json")
     assert recipe["upcycle"]["merge"]["experts"][0]["negative_prompts"] == PROMPTS[2]
+    assert recipe["upcycle"]["merge"]["forced_exact"] == [True, True]
+    assert f"| 1 | `{b}` | 2 |" in card and "--force-expert E" in card and "Routing specificity" in card
 
 
 @pytest.mark.parametrize("gate_mode,router,std", [("cheap_embed", "embed", 0.02), ("random", "normal", 1.0),

@@ -56,6 +56,8 @@ def base_model_relation(base_model: Union[str, Sequence[str], None]) -> Optional
 
 def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> str:
     """The card's one-line verification result, as measured at conversion time."""
+    if verification and "text" in verification:  # already worded (e.g. a merge's per-source results)
+        return verification["text"]
     if not verification or "skipped" in verification:
         reason = f" ({verification['skipped']})" if verification else ""
         return (f"not run at conversion time{reason}; run `upcycle verify BASE_MODEL {REPO_PLACEHOLDER}` "

@@ -147,7 +147,7 @@ def _verify(folder: Path, cfg, merged, ids: dict[str, str], plan, summary: dict[
     """
     import torch
 
-    from ..convert import RECIPE_FILE, _free_memory
+    from ..convert import _free_memory
     from ..errors import VerificationError
     from ..verify import verify as run_verify
     from .compare import compare_sources
@@ -235,24 +235,46 @@ def _write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], veri
     _write_provenance(folder, plan, cfg, {**summary, "verification": verification},
                       {"forced_exact": forced} if forced is not None else {})
     sources = [merged.base, *[s for s in merged.sources.values() if s is not merged.base]]
-    names = [s.repo_id or repo_id_from_cache_path(s.folder) or s.spec for s in sources]
+    # Hub ids only (a local folder has none, as in `convert`); every source is listed in the Experts section
+    names = [n for n in (s.repo_id or repo_id_from_cache_path(s.folder) for s in sources) if n]
     remote = bool(json.loads((folder / "config.json").read_text()).get("auto_map"))
     table = {"base_model": cfg.base, "shared_weights": cfg.shared_weights, "router_init": cfg.router_init,
              "top_k": cfg.top_k, "experts": [e.source for e in cfg.experts], "target": plan.target.name,
              "dtype": plan.dtype_name, "seed": cfg.seed}
-    render_card(summary, table, list(dict.fromkeys(names)), verification=_card_verification(verification),
-                license_info=source_license(merged.base.folder), remote_code=remote, repo_id=repo_id,
-                reproduce="`upcycle_recipe.json` in this repository records the merge config (under "
-                          "`upcycle.merge`), the sources and the library versions; `upcycle merge` with that "
-                          "config reproduces the model.").save(folder / "README.md")
+    card = render_card(summary, table, list(dict.fromkeys(names)) or None, verification=_card_verification(verification),
+                       license_info=source_license(merged.base.folder), remote_code=remote, repo_id=repo_id,
+                       reproduce="`upcycle_recipe.json` in this repository records the merge config (under "
+                                 "`upcycle.merge`), the sources and the library versions; `upcycle merge` with "
+                                 "that config reproduces the model.")
+    card.text += _card_merge_section(cfg, verification)
+    card.save(folder / "README.md")
     return [RECIPE_FILE, "README.md"]
 
 
+def _card_merge_section(cfg, verification: dict[str, Any]) -> str:
+    """The card's list of experts (source, prompts) and, when measured, routing specificity."""
+    rows = "\n".join(f"| {i} | `{e.source}` | {len(e.prompts)} |" for i, e in enumerate(cfg.experts))
+    text = (f"\n## Experts\n\nMerged with `upcycle merge` ({cfg.format} config): shared weights from "
+            f"`{cfg.shared_weights}`, routers initialised `{cfg.router_init}`.\n\n| expert | source | prompts |\n"
+            f"|---|---|---|\n{rows}\n")
+    if cfg.shared_expert is not None:
+        text += f"\nAlways-on shared expert: `{cfg.shared_expert.source}`.\n"
+    spec = verification.get("specificity")
+    if spec:
+        text += (f"\nRouting specificity at conversion time: {spec['mean_top1']:.2f} of each expert's prompt tokens "
+                 f"go to that expert first (mean over layers; chance {spec['chance_top1']:.2f}).\n")
+    return text
+
+
 def _card_verification(verification: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The card's verification line: skipped, or the base comparison when identical sources were merged."""
+    """The card's verification line: skipped, the base comparison (identical sources), or per-source results."""
+    from ..card import REPO_PLACEHOLDER as REPO
+
     if "skipped" in verification:
         return verification
     if "base" in verification:
         return {**verification["base"], "dense_rounded_to": verification["base"].get("weights_dtype")}
-    return {"skipped": "a merge of different sources is not one dense model; the deviation from each source "
-                       "with every token sent to its expert is in upcycle_recipe.json"}
+    rows = "; ".join(f"{r['source']} {r['max_abs_logit_diff']:.3g}" + (" (exact)" if r["exact_expected"] else "")
+                     for r in verification["sources"])
+    return {"text": f"measured at conversion time with every token sent to each source's expert, max |Δlogit| vs "
+                    f"that source at float32: {rows}; check with `upcycle verify SOURCE {REPO} --force-expert E`"}

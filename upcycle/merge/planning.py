@@ -14,7 +14,6 @@ from ..plan import DTYPES, ConversionPlan, make_plan
 from ..recipe import Recipe
 from ..targets import MoeTarget, all_targets, auto_candidates
 from .config import MergeConfig
-from .routers import OWN_INITS
 
 
 def recipe_for(config: MergeConfig, target: str) -> Recipe:
@@ -113,5 +112,3 @@ def summary(plan: ConversionPlan, config: MergeConfig, specs: list[str]) -> dict
         out["shared_expert"] = config.shared_expert.source
     return out
 
-
-__all__ = ["OWN_INITS", "plan_merge", "with_router_rows", "summary", "router_name", "choose_merge_target"]

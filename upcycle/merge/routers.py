@@ -22,10 +22,6 @@ from ..routers.base import scale_rows
 from .config import MergeConfig
 from .probe import FfnInputs, encode_prompts
 
-#: router inits computed here; the others come from the converter's router registry
-OWN_INITS = ("hidden", "embed", "domain", "uniform")
-
-
 def finish_rows(rows: torch.Tensor, std: float) -> torch.Tensor:
     """Centre the rows over the experts (when there are several), then give each the norm of a N(0, std^2) row."""
     if rows.shape[0] > 1:
