@@ -75,8 +75,10 @@ def test_verify_and_inspect(tmp_path, dense):
 
 def test_recipe_validation_and_round_trip(tmp_path):
     recipe = Recipe(num_experts=16, top_k=4, router_std=0.1, seed=3, dtype="bfloat16", max_shard_size="2GB",
-                    revision="v1", extra={"note": "x"})
+                    revision="v1", noise_std=0.01)
     assert recipe.validate() is recipe
+    split = Recipe.from_dict({"method": "split", "granularity": 4, "num_experts": 8, "top_k": 4})
+    assert split.option("granularity") == 4 and Recipe.from_dict(split.to_dict()) == split
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert Recipe.from_dict({**recipe.to_dict(), "upcycle": {"anything": 1}}) == recipe
     (tmp_path / "r.json").write_text(json.dumps(recipe.to_dict()))

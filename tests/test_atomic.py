@@ -44,12 +44,12 @@ def test_ctrl_c_in_process(tmp_path, dense, monkeypatch):
 
 def test_failure_after_weights_leaves_nothing(tmp_path, dense, monkeypatch):
     """A failure while writing metadata (after every shard is on disk) still removes everything."""
-    import upcycle.plan
+    from upcycle.targets.base import MoeTarget
 
-    def broken(plan):
+    def broken(target, plan):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(upcycle.plan, "build_target_config", broken)
+    monkeypatch.setattr(MoeTarget, "build_config", broken)
     out = tmp_path / "moe"
     assert_clean_error(run_cli("convert", dense, out, "-q"), out, "Input/output error")
 

@@ -2,7 +2,6 @@
 distinctive options on convert with the CLI, load with plain AutoModelForCausalLM as the native class,
 and match the dense logits (max |Δ| <= 1e-4 at fp32); options that break exactness are refused."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -200,8 +199,11 @@ def test_auto_falls_back_to_the_bundled_target_once_registered(monkeypatch):
 
     registered = {k: v for k, v in targets.all_targets().items() if k != targets.FALLBACK_TARGET}
     monkeypatch.setattr(targets, "all_targets", lambda: registered)
-    bundled = dataclasses.replace(registered["mixtral"], name=targets.FALLBACK_TARGET, families=("phi3",),
-                                  requirements=(), native=False)
+    from upcycle.targets.base import BundledTarget
+
+    mixtral = registered["mixtral"]
+    bundled = BundledTarget(name=targets.FALLBACK_TARGET, config_class=mixtral.config_class, families=("phi3",),
+                            layout=mixtral.layout, moe_config=mixtral.moe_config)
     phi3, partial = all_families()["phi3"], {"rope_parameters": {"partial_rotary_factor": 0.5}}
     with pytest.raises(targets.UnsupportedArchitectureError, match="partial rotary"):
         targets.choose_target("auto", phi3, partial)

@@ -131,15 +131,15 @@ def test_router_inits(llama, tmp_path, init):
 
 
 def test_hidden_router_reads_the_ffn_inputs(llama):
-    """A prompt's own hidden row scores it highest: rows are its FFN-input means, centred."""
-    from upcycle.calibration import load_tokenizer
+    """Hidden rows are the FFN-input means of each expert's prompts, centred over the experts."""
+    from upcycle.calibration import calibration_tokenizer
     from upcycle.families import family_for_model_type
     from upcycle.io import open_source
     from upcycle.merge.probe import FfnInputs, encode_prompts
     from upcycle.merge.routers import hidden_rows
 
     src = open_source(str(llama["base"]))
-    family, tokenizer = family_for_model_type("llama"), load_tokenizer(src)
+    family, tokenizer = family_for_model_type("llama"), calibration_tokenizer(src)
     cfg = load_config(config(llama["base"], [llama["a"], llama["b"]]))
     rows = hidden_rows(cfg, src, family, [0, 2], tokenizer)
     with FfnInputs(src, family, [0, 2]) as model:

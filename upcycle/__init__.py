@@ -6,7 +6,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["Recipe", "convert", "verify", "inspect", "push", "merge", "ConversionResult", "VerifyReport",
            "MergeResult", "UpcycleError", "UpcycleMoeConfig", "UpcycleMoeForCausalLM"]

@@ -7,14 +7,14 @@ random-projection sketch of every neuron's activations over the tokens plus thei
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from .errors import RecipeError, SourceNotFoundError
+from .textdata import data_files, read_documents
 
 if TYPE_CHECKING:  # pragma: no cover
     from .io import DenseSource
@@ -24,50 +24,18 @@ TOKENS_PER_EXPERT = 16
 SKETCH_DIM = 64
 SEQUENCE_LENGTH = 512
 BATCH_SIZE = 4
-TEXT_SUFFIXES = (".txt", ".jsonl", ".md")
-
-
-def calibration_files(path: str | Path) -> list[Path]:
-    """The text files behind ``--calibration``: the file itself, or the .txt/.jsonl/.md files of a folder."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise RecipeError(f"--calibration {path}: the folder holds no {', '.join(TEXT_SUFFIXES)} files")
-        return files
-    raise RecipeError(f"--calibration {path}: no such file or folder")
-
-
-def iter_texts(files: list[Path]) -> Iterator[str]:
-    """Documents: a whole .txt/.md file, or the ``text`` field of each JSONL line."""
-    for file in files:
-        if file.suffix != ".jsonl":
-            yield file.read_text(errors="replace")
-            continue
-        with file.open(errors="replace") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise RecipeError(f"{file}, line {number}: each JSONL line needs a 'text' string") from None
 
 
 def required_tokens(num_experts: int) -> int:
     return TOKENS_PER_EXPERT * num_experts
 
 
-def load_tokenizer(src: "DenseSource") -> Any:
-    from transformers import AutoTokenizer
+def calibration_tokenizer(src: "DenseSource") -> Any:
+    """The dense model's tokenizer, which calibration needs; a clear error when it has none."""
+    from .tokenizer import load_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**src.pretrained_kwargs())
-    except Exception:  # noqa: BLE001 - any failure means no usable tokenizer
-        tokenizer = None
-    if tokenizer is None or len(tokenizer) < 2:  # transformers builds an empty one from a bare folder
+    tokenizer = load_tokenizer(src.pretrained_kwargs())
+    if tokenizer is None:
         raise SourceNotFoundError(f"--calibration needs the dense model's tokenizer, and {src.spec} has none; "
                                   "add its tokenizer files to the model folder")
     return tokenizer
@@ -75,9 +43,9 @@ def load_tokenizer(src: "DenseSource") -> Any:
 
 def tokenize_calibration(path: str | Path, tokenizer: Any, max_tokens: int, num_experts: int) -> torch.Tensor:
     """Token ids [n] of the calibration text (documents joined by EOS), at most ``max_tokens``."""
-    files = calibration_files(path)
+    files = data_files(path, "--calibration")
     pieces, total = [], 0
-    for text in iter_texts(files):
+    for text in read_documents(path, "--calibration"):
         if total >= max_tokens:
             break
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,9 +13,12 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .checkpoint import CARD_FILE, RECIPE_FILE
+
 REPO_PLACEHOLDER = "THIS_REPO"
-REPRODUCE = ("`upcycle_recipe.json` in this repository records the recipe, the source commit and the library\n"
-             "versions; `upcycle convert SOURCE OUT --recipe upcycle_recipe.json` reproduces the conversion.")
+#: the card's default "how to reproduce" paragraph (a merge passes its own)
+REPRODUCE = (f"`{RECIPE_FILE}` in this repository records the recipe, the source commit and the library\n"
+             f"versions; `upcycle convert SOURCE OUT --recipe {RECIPE_FILE}` reproduces the conversion.")
 LICENSE_KEYS = ("license", "license_name", "license_link")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}/?$")
 
@@ -31,7 +34,7 @@ def source_license(folder: Path) -> dict[str, str]:
     """``license`` (and ``license_name``/``license_link`` for "other") from the source's own card, if any."""
     from huggingface_hub import ModelCard
 
-    readme = Path(folder) / "README.md"
+    readme = Path(folder) / CARD_FILE
     if not readme.is_file():
         return {}
     try:
@@ -76,16 +79,13 @@ def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> st
 
 
 def render_card(summary: dict[str, Any], recipe: dict[str, Any], base_model: Union[str, Sequence[str], None],
-                license: Optional[str] = None, verification: Optional[dict[str, Any]] = None, *,
-                license_info: Optional[dict[str, str]] = None, remote_code: bool = False,
-                repo_id: Optional[str] = None, reproduce: Optional[str] = None):
+                verification: Optional[dict[str, Any]] = None, *, license_info: Optional[dict[str, str]] = None,
+                remote_code: bool = False, repo_id: Optional[str] = None, reproduce: Optional[str] = None):
     """Build a :class:`huggingface_hub.ModelCard`: Hub metadata, recipe table, parameters, measured
     verification, how to load it and how to fine-tune it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     licence = dict(license_info or {})
-    if license and "license" not in licence:
-        licence["license"] = license
     data = ModelCardData(
         base_model=base_model or None,
         base_model_relation=base_model_relation(base_model),

@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli_common import _human, _terminate_as_interrupt, _user_errors
+from .version import __version__
+from .cli_common import (METHOD_CHOICES, PARTITION_CHOICES, ROUTER_CHOICES, TARGET_CHOICES, RegistryOption, _human,
+                         _terminate_as_interrupt, _user_errors, parse_options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,10 +29,13 @@ def cli() -> None:
 @click.argument("output", type=click.Path())
 @click.option("--num-experts", "-e", type=int, help="Experts per MoE layer.  [default: 8]")
 @click.option("--top-k", "-k", type=int, help="Experts chosen per token.  [default: 2]")
-@click.option("--method", help="Expert construction: replicate, split or drop.  [default: replicate]")
-@click.option("--target", help="Output architecture: auto picks the exact native one.  [default: auto]")
-@click.option("--router-init", help="Router init: normal, zeros, virtual-group, kmeans or centroid.  "
-              "[default: normal]")
+@click.option("--method", cls=RegistryOption, choices=METHOD_CHOICES,
+              help="Expert construction: {choices}.  [default: replicate]")
+@click.option("--target", cls=RegistryOption, choices=TARGET_CHOICES,
+              help="Output architecture: auto (the exact native one, else the bundled model), {choices}.  "
+                   "[default: auto]")
+@click.option("--router-init", cls=RegistryOption, choices=ROUTER_CHOICES,
+              help="Router init: {choices}.  [default: normal]")
 @click.option("--router-std", type=float, help="Std of the normal router init.  [default: 0.02]")
 @click.option("--seed", type=int, help="Seed: same inputs and seed give byte-identical files.  [default: 0]")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
@@ -39,7 +43,8 @@ def cli() -> None:
 @click.option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.  [default: 5GB]")
 @click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
 @click.option("--granularity", "-g", type=int, help="split: FFN segments per dense FFN (divides its width).  [default: 1]")
-@click.option("--split-strategy", help="split: contiguous, random, kmeans or activation.  [default: contiguous]")
+@click.option("--split-strategy", cls=RegistryOption, choices=PARTITION_CHOICES,
+              help="split: how neurons are cut into segments: {choices}.  [default: contiguous]")
 @click.option("--shared-experts", type=int, help="split: segments made an always-on shared expert.  [default: 0]")
 @click.option("--allow-inexact", is_flag=True, default=None, help="Accept a top-k or router that breaks exactness.")
 @click.option("--drop-ratio", type=float, help="drop: fraction of neurons re-initialised per expert.  [default: 0.5]")
@@ -47,6 +52,8 @@ def cli() -> None:
 @click.option("--layers", help="MoE layers: all, every:N, 0,2,5 or 4-11.  [default: all]")
 @click.option("--calibration", help="Text, JSONL ('text') or folder for kmeans router / activation split.")
 @click.option("--calibration-tokens", type=int, help="Most calibration tokens to read.  [default: 16384]")
+@click.option("--option", "-o", "extra_options", multiple=True, metavar="KEY=VALUE",
+              help="Any recipe key, e.g. an expert method's own option (repeatable): -o drop_ratio=0.3.")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe file (YAML/JSON); flags override it.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUTPUT folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan without writing anything.")
@@ -58,7 +65,8 @@ def cli() -> None:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @_user_errors
 def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_run: bool, as_json: bool,
-            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, **options: Any) -> None:
+            quiet: bool, verify: bool | None, push_to_hub: str | None, private: bool, extra_options: tuple[str, ...],
+            **options: Any) -> None:
     """Convert the dense model SOURCE (folder, .gguf file or Hub repo id) into an MoE at OUTPUT."""
     from .quiet import quiet_libraries
     from .convert import convert as run_convert
@@ -66,6 +74,7 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
     if quiet:
         quiet_libraries()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    options = {**parse_options(extra_options), **{k: v for k, v in options.items() if v is not None}}
     result = run_convert(source, output, recipe_file, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
                          push_to_hub=push_to_hub, hub_private=private, **options)
     s = result.summary

@@ -37,3 +37,50 @@ def _user_errors(func: Callable) -> Callable:
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+class RegistryOption(click.Option):
+    """An option whose help lists a registry (methods, router inits, ...), read only when help is shown so
+    that ``upcycle --help`` does not import torch."""
+
+    def __init__(self, *args: Any, choices: Callable[[], str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._choices = choices
+        self._template = kwargs.get("help") or ""
+
+    def get_help_record(self, ctx: click.Context):
+        self.help = self._template.format(choices=self._choices())
+        return super().get_help_record(ctx)
+
+
+def _names(package: str, attribute: str, describe: bool = True) -> Callable[[], str]:
+    def names() -> str:
+        from .registry import describe as read
+
+        return ", ".join(f"{name} ({text})" if describe and text else name for name, text in sorted(read(package, attribute).items()))
+
+    return names
+
+
+METHOD_CHOICES = _names("upcycle.experts", "METHOD")
+ROUTER_CHOICES = _names("upcycle.routers", "ROUTER")
+PARTITION_CHOICES = _names("upcycle.partitions", "PARTITION")
+TARGET_CHOICES = _names("upcycle.targets", "TARGET", describe=False)
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs as recipe keys; values read as YAML scalars (``4``, ``0.5``, ``true``)."""
+    import yaml
+
+    from .errors import RecipeError
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--option {pair!r}: write KEY=VALUE, e.g. --option drop_ratio=0.3")
+        try:
+            options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            options[key.strip().replace("-", "_")] = value
+    return options

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, library_versions, write_recipe
 from .errors import RecipeError
-from .recipe import Recipe, parse_size
+from .recipe import Recipe
 
-RECIPE_FILE = "upcycle_recipe.json"
 VERIFY_NEW_TOKENS = 0  # logits only: generation would triple the cost and adds little to max |Δlogit|
 
 
@@ -30,33 +29,21 @@ class ConversionResult:
     pushed: Any = None
 
 
-def _versions() -> dict[str, str]:
-    import huggingface_hub
-    import safetensors
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"upcycle": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__}
-
-
 def build_recipe(recipe: Recipe | str | Path | dict | None = None, **overrides: Any) -> Recipe:
-    """Merge a recipe (object, file or mapping) with keyword overrides; overrides win."""
+    """Merge a recipe (object, file or mapping) with flat keyword overrides (``granularity=4``); overrides win.
+    The result is validated once, when it is made."""
     if recipe is None:
         base = Recipe()
     elif isinstance(recipe, Recipe):
-        base = dataclasses.replace(recipe)
+        base = recipe
     elif isinstance(recipe, dict):
         base = Recipe.from_dict(recipe)
     else:
         base = Recipe.load(recipe)
-    names = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(overrides) - names)
+    unknown = sorted(set(overrides) - set(Recipe.keys()))
     if unknown:
         raise RecipeError(f"unknown option(s): {', '.join(unknown)}")
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None}).validate()
+    return base.replace(**overrides) if any(v is not None for v in overrides.values()) else base
 
 
 def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path | dict | None = None, *,
@@ -93,7 +80,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     summary = plan.summary()
     if dry_run:
         return ConversionResult(None, summary, recipe, [], dry_run=True)
-    if _needs_layer_data(recipe):
+    if recipe.needs_layer_data:
         plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet))
 
     with atomic_folder(output, force) as tmp:
@@ -108,53 +95,36 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 
 def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):
     from .errors import HubError
-    from .hub_push import RESUME_HINT, push
+    from .hub_push import push
 
     try:
         return push(output, repo_id, private=private, token=token, quiet=quiet)
     except HubError as exc:
-        reason = str(exc).replace(f"; {RESUME_HINT}", "")
-        raise HubError(f"converted to {output}, but {reason}; to push it (resuming), run "
+        raise HubError(f"converted to {output}, but {exc.reason}; to push it (resuming), run "
                        f"`upcycle push {output} {repo_id}`") from None
 
 
 def _calibration_ids(src, recipe: Recipe):
     """Tokenized ``--calibration`` text when the recipe needs it (checked in dry runs too), else None."""
-    from .calibration import load_tokenizer, tokenize_calibration
-    from .method_checks import needs_calibration
+    from .calibration import calibration_tokenizer, tokenize_calibration
 
-    if not needs_calibration(recipe):
+    if not recipe.calibration_reasons():
         return None
-    return tokenize_calibration(recipe.calibration, load_tokenizer(src), recipe.calibration_tokens,
+    return tokenize_calibration(recipe.calibration, calibration_tokenizer(src), recipe.calibration_tokens,
                                 recipe.num_experts)
-
-
-def _needs_layer_data(recipe: Recipe) -> bool:
-    from .method_checks import needs_calibration
-    from .partitions import get_partition
-
-    return bool(needs_calibration(recipe)) or (recipe.method == "split"
-                                               and get_partition(recipe.split_strategy).needs_data)
-
-
-def _needs_activations(recipe: Recipe) -> bool:
-    from .partitions import get_partition
-
-    return recipe.method == "split" and get_partition(recipe.split_strategy).needs_calibration
 
 
 def _layer_data(src, plan, calibration_ids, quiet: bool):
     """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
     from .calibration import collect_statistics
     from .layer_data import LayerData
-    from .plan import SourceCache
-    from .routers import get_router_init
+    from .tensors import SourceCache
 
     stats = None
     if calibration_ids is not None:
         stats = collect_statistics(src, plan, calibration_ids, quiet=quiet,
-                                   want_hidden=get_router_init(plan.recipe.router_init).needs_calibration,
-                                   want_activations=_needs_activations(plan.recipe))
+                                   want_hidden=plan.recipe.wants_hidden_states,
+                                   want_activations=plan.recipe.wants_activations)
 
     cache = SourceCache(src.read, views=plan.source_views)
 
@@ -171,16 +141,16 @@ def _layer_data(src, plan, calibration_ids, quiet: bool):
 def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
     from tqdm.auto import tqdm
 
-    from .io.writer import split_into_shards, write_shards
-    from .plan import SourceCache
+    from .io.writer import write_shards
+    from .tensors import SourceCache
 
     by_name = {t.spec.name: t for t in plan.tensors}
-    shards = split_into_shards([t.spec for t in plan.tensors], parse_size(plan.recipe.max_shard_size))
+    shards = plan.shards()
     cache = SourceCache(src.read, views=plan.source_views)
     total = sum(t.spec.nbytes for t in plan.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing experts", disable=quiet) as bar:
         names = write_shards(folder, shards, lambda spec: _produce(by_name[spec.name], src, cache), bar.update)
-    return names + (["model.safetensors.index.json"] if len(names) > 1 else [])
+    return names + ([INDEX_FILE] if len(names) > 1 else [])
 
 
 def _produce(tensor, src, cache):
@@ -194,33 +164,29 @@ def _produce(tensor, src, cache):
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], verify: Optional[bool],
                     quiet: bool, repo_id: Optional[str]) -> tuple[list[str], Optional[dict[str, Any]]]:
     from .card import render_card, repo_id_from_cache_path, source_license
-    from .plan import build_target_config
 
-    target_config = build_target_config(plan)
+    target_config = plan.target.build_config(plan)
     target_config.save_pretrained(folder)
-    written = ["config.json"]
-    if plan.target.extra_files is not None:
-        written += plan.target.extra_files(folder, plan)
+    written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
     generation = src.generation_config(config)
     generation.save_pretrained(folder)
     written.append("generation_config.json")
     written += src.save_tokenizer(folder)
-    provenance = {"source": src.spec, "source_commit": src.commit, "versions": _versions(), **summary}
+    provenance = {"source": src.spec, "source_commit": src.commit, "versions": library_versions(), **summary}
     recipe_dict = plan.recipe.to_dict()
-    (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
-    written.append(RECIPE_FILE)
+    written.append(write_recipe(folder, recipe_dict, provenance))
     verification = _verify_output(folder, src, summary, verify, quiet)
     if verification is not None:
         provenance["verification"] = verification
-        (folder / RECIPE_FILE).write_text(json.dumps({**recipe_dict, "upcycle": provenance}, indent=2) + "\n")
+        write_recipe(folder, recipe_dict, provenance)
     base_model = src.repo_id or repo_id_from_cache_path(src.folder)
     licence = source_license(src.folder)
     if plan.dense_config.get("license") and "license" not in licence:
         licence["license"] = plan.dense_config["license"]
-    remote_code = bool(json.loads((folder / "config.json").read_text()).get("auto_map"))
+    remote_code = bool(json.loads((folder / CONFIG_FILE).read_text()).get("auto_map"))
     render_card(summary, recipe_dict, base_model, verification=verification, license_info=licence,
-                remote_code=remote_code, repo_id=repo_id).save(folder / "README.md")
-    written.append("README.md")
+                remote_code=remote_code, repo_id=repo_id).save(folder / CARD_FILE)
+    written.append(CARD_FILE)
     return written, verification
 
 

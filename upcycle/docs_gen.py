@@ -52,14 +52,36 @@ def _requirements(target) -> list[str]:
 
 
 def _layout(target) -> str:
-    if target.packed_experts:
-        parts = [f"`{t.format(i='N')}` = {' + '.join(p)} of all experts" for t, p in target.packed_experts.items()]
-        return "packed: " + "; ".join(parts)
-    return f"`{target.expert_key.format(i='N', e='E', proj='{' + ','.join(target.proj_names.values()) + '}')}`"
+    return target.layout.describe()
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _registries() -> list[str]:
+    """Expert methods (with the options each owns), router inits and split strategies, from their registries."""
+    from .experts import all_methods
+    from .partitions import all_partitions
+    from .routers import all_router_inits
+
+    out = ["## Expert methods, router inits and split strategies\n",
+           "Each is one module in upcycle/experts, upcycle/routers or upcycle/partitions, found by name "
+           "(docs/adding-architectures.md shows how to add one). Method options are flat recipe keys and "
+           "`-o KEY=VALUE` on the command line.\n",
+           "| method | exact | options (default) | what it does |", "|---|---|---|---|"]
+    for name, method in sorted(all_methods().items()):
+        options = ", ".join(f"`{k}` ({v})" for k, v in method.options.fields().items()) or "-"
+        out.append(f"| {name} | {'yes' if method.exact else 'no'} | {options} | {_cell(method.description)} |")
+    out += ["", "| router init | needs --calibration | keeps virtual groups whole | what it does |", "|---|---|---|---|"]
+    for name, init in sorted(all_router_inits().items()):
+        out.append(f"| {name} | {'yes' if init.needs_calibration else 'no'} | {'no' if init.per_expert else 'yes'} "
+                   f"| {_cell(init.description)} |")
+    out += ["", "| split strategy | reads | what it does |", "|---|---|---|"]
+    for name, part in sorted(all_partitions().items()):
+        reads = "--calibration text" if part.needs_calibration else "dense weights" if part.needs_data else "nothing"
+        out.append(f"| {name} | {reads} | {_cell(part.description)} |")
+    return out + [""]
 
 
 def render() -> str:
@@ -83,7 +105,7 @@ def render() -> str:
     for name, tgt in sorted(targets.items()):
         arch = tgt.architecture
         subset = "yes" if tgt.supports_layer_subset else "no (every layer MoE)"
-        out.append(f"| {name} | {arch} | {', '.join(tgt.families)} | {subset} | `{tgt.router_key.format(i='N')}` "
+        out.append(f"| {name} | {arch} | {', '.join(tgt.families)} | {subset} | `{tgt.layout.router_key.format(i='N')}` "
                    f"| {_cell(_layout(tgt))} |")
 
     out += ["", "## Exactness requirements\n",
@@ -101,6 +123,7 @@ def render() -> str:
         out += [f"- refused when {r}" for r in reqs] if reqs else ["- no extra requirement"]
         out.append("")
 
+    out += _registries()
     out += ["## Known gaps\n", "| dense | MoE architecture | why not yet |", "|---|---|---|"]
     out += [f"| {g.dense} | {g.moe} | {_cell(g.reason)} |" for g in GAPS]
     return "\n".join(out) + "\n"

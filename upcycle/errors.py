@@ -1,5 +1,7 @@
 """Exception types for user mistakes. The CLI prints them as one line and exits non-zero."""
 
+from __future__ import annotations
+
 
 class UpcycleError(Exception):
     """Base class of every error caused by input the user can fix."""
@@ -42,8 +44,19 @@ class IncompleteOutputError(UpcycleError):
 
 
 class HubError(UpcycleError):
-    """Talking to the Hugging Face Hub failed: no token, bad repo id, network or server error."""
+    """Talking to the Hugging Face Hub failed: no token, bad repo id, network or server error.
+
+    The message is ``reason``, then ``; hint`` when there is one (what to do next, e.g. how to resume),
+    so that a caller can say something else around the same ``reason``.
+    """
+
+    def __init__(self, reason: str, hint: str | None = None):
+        self.reason, self.hint = reason, hint
+        super().__init__(f"{reason}; {hint}" if hint else reason)
 
 
-class DataError(UpcycleError):
-    """Training or routing data is missing, empty or malformed."""
+class DataError(RecipeError):
+    """Text data (training, routing, calibration, prompts) is missing, empty or malformed.
+
+    A :class:`RecipeError`, as calibration text and prompts files were reported before the one reader.
+    """

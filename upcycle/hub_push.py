@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .card import REPO_PLACEHOLDER
-from .convert import RECIPE_FILE
+from .checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, RECIPE_FILE, SINGLE_FILE, weight_files
 from .errors import HubError, IncompleteOutputError
 
-# the transformers names (as in upcycle.io.writer, which imports torch: push does not need it)
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 DEFAULT_LARGE_THRESHOLD = "5GB"
 HIDDEN = [".*", "*/.*"]  # temp files, editor and OS droppings, upload_large_folder's own .cache
 RESUME_HINT = "run the same command again to resume: files already on the Hub are not sent again"
@@ -40,22 +37,6 @@ class PushResult:
     pr_url: Optional[str]
     files: list[str] = field(default_factory=list)
     bytes: int = 0
-
-
-def _weight_files(folder: Path) -> tuple[list[str], Optional[int]]:
-    """Shard names the folder's index (or single file) promises, and the index's ``total_size``."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-            weight_map = data["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise IncompleteOutputError(f"{index}: not a valid index (needs a 'weight_map')") from None
-        total = (data.get("metadata") or {}).get("total_size")
-        return list(dict.fromkeys(weight_map.values())), int(total) if total is not None else None
-    if (folder / SINGLE_FILE).is_file():
-        return [SINGLE_FILE], None
-    raise IncompleteOutputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is the conversion finished?")
 
 
 def _shard_extent(file: Path) -> tuple[int, dict[str, int]]:
@@ -89,23 +70,23 @@ def check_complete(path: str | Path) -> list[str]:
     folder = Path(path)
     if not folder.is_dir():
         raise IncompleteOutputError(f"{path}: no such folder")
-    for name in ("config.json", RECIPE_FILE):
+    for name in (CONFIG_FILE, RECIPE_FILE):
         if not (folder / name).is_file():
-            what = "not a model folder" if name == "config.json" else "not an upcycle output"
+            what = "not a model folder" if name == CONFIG_FILE else "not an upcycle output"
             raise IncompleteOutputError(f"{folder}: {what} (no {name}); push the folder `upcycle convert` wrote")
         try:
             json.loads((folder / name).read_text())
         except ValueError:
             raise IncompleteOutputError(f"{folder / name}: not valid JSON; re-run the conversion") from None
-    shards, total_size = _weight_files(folder)
-    missing = [s for s in shards if not (folder / s).is_file()]
+    weights = weight_files(folder, error=IncompleteOutputError)
+    if weights is None:
+        raise IncompleteOutputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is the conversion finished?")
+    missing = weights.missing(folder)
     if missing:
         raise IncompleteOutputError(f"{folder}: {len(missing)} shard(s) named in the index are missing "
                                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); re-run the conversion")
-    index = folder / INDEX_FILE
-    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-    tensor_bytes = 0
-    for shard in shards:
+    weight_map, tensor_bytes = weights.weight_map, 0
+    for shard in weights.files:
         file = folder / shard
         end, tensors = _shard_extent(file)
         size = file.stat().st_size
@@ -118,8 +99,8 @@ def check_complete(path: str | Path) -> list[str]:
             if absent:
                 raise IncompleteOutputError(f"{file}: the index maps {absent[0]!r} to this shard but it is not "
                                             "in it; re-run the conversion")
-    if total_size is not None and total_size != tensor_bytes:
-        raise IncompleteOutputError(f"{index}: total_size {total_size} but the shards hold "
+    if weights.total_size is not None and weights.total_size != tensor_bytes:
+        raise IncompleteOutputError(f"{folder / INDEX_FILE}: total_size {weights.total_size} but the shards hold "
                                     f"{tensor_bytes} tensor bytes; re-run the conversion")
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -206,7 +187,7 @@ def _explain(exc: BaseException, repo_id: str, endpoint: str) -> tuple[str, bool
 
 def _fill_card(folder: Path, repo_id: str) -> None:
     """Put the repo id into the model card's code samples (only the card upcycle wrote)."""
-    card = folder / "README.md"
+    card = folder / CARD_FILE
     if not card.is_file():
         return
     text = card.read_text()
@@ -273,14 +254,13 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, revision: Opt
         raise
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
         reason, transient = _explain(exc, repo_id, endpoint)
-        raise HubError(f"push to {repo_id} did not complete: {reason}" + (f"; {RESUME_HINT}" if transient else ""))\
-            from None
+        raise HubError(f"push to {repo_id} did not complete: {reason}", RESUME_HINT if transient else None) from None
     finally:
         if quiet:
             enable_progress_bars()
     wrong = [f for f in files if remote.get(f) != (folder / f).stat().st_size]
     if wrong:
         raise HubError(f"push to {repo_id} did not complete: the Hub lists {len(wrong)} file(s) missing or with "
-                       f"another size ({wrong[0]}, ...); {RESUME_HINT}")
+                       f"another size ({wrong[0]}, ...)", RESUME_HINT)
     url = f"{endpoint}/{repo_id}" + ("" if landed == "main" else f"/tree/{landed}")
     return PushResult(repo_id, url, landed, commit_url, pr_url, files, size)

@@ -7,38 +7,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import (CONFIG_FILE, EXPERT_SIZE_KEYS, SINGLE_FILE, config_value, expert_count, experts_per_token,
+                         model_folder, provenance_of, read_recipe, weight_files)
 from .errors import SourceNotFoundError
 
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.N., transformer.h.N. (GPT-2)
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_EXPERT_SIZE_KEYS = ("moe_intermediate_size", "intermediate_size")
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # mixtral/qwen, ernie4_5_moe, hunyuan_v1_moe
-
-
-def _top_k(config: dict[str, Any]) -> Any:
-    value = next((config[k] for k in _TOP_K_KEYS if config.get(k)), None)
-    if isinstance(value, list) and len(set(value)) == 1:  # per-layer list with one value
-        value = value[0]
-    return value
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise SourceNotFoundError(f"{folder}: no model.safetensors or index; inspect reads safetensors checkpoints")
+    weights = weight_files(folder)
+    if weights is None:
+        raise SourceNotFoundError(f"{folder}: no {SINGLE_FILE} or index; inspect reads safetensors checkpoints")
+    return [folder / f for f in weights.files]
 
 
 def _packed_pattern() -> re.Pattern[str]:
     """Packed-expert tensors of every registered target (e.g. GraniteMoE's ``input_linear [E, 2F, H]``)."""
     from .targets import all_targets
 
-    templates = [t for target in all_targets().values() for t in (target.packed_experts or {})]
+    templates = [t for target in all_targets().values() for t in getattr(target.layout, "packed", {})]
     alternatives = [re.escape(t).replace(re.escape("{i}"), r"\d+") for t in templates]
     return re.compile("|".join(alternatives) or "(?!)")
 
@@ -52,14 +41,11 @@ def inspect(path: str | Path) -> dict[str, Any]:
     """Family, target, MoE layers, experts, top-k, parameter counts, bytes on disk and recipe of a checkpoint."""
     from .io.safetensors_format import numel, read_header
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise SourceNotFoundError(f"{path}: not a model folder (no config.json)")
-    config = json.loads((folder / "config.json").read_text())
-    recipe_path = folder / "upcycle_recipe.json"
-    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
-    num_experts = next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k)), None)
-    top_k = _top_k(config)
+    folder = model_folder(path)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    recipe = read_recipe(folder)
+    num_experts = expert_count(config)
+    top_k = experts_per_token(config)
 
     total, routed, packed = 0, {}, _packed_pattern()
     for file in _weight_files(folder):
@@ -72,7 +58,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     active = total
     if num_experts and top_k:
         active = total - sum(routed.values()) + sum(n * top_k // num_experts for n in routed.values())
-    provenance = (recipe or {}).get("upcycle", {})
+    provenance = provenance_of(recipe)
     report = {
         "path": str(folder),
         "model_type": config.get("model_type"),
@@ -84,7 +70,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "moe_layers": sorted(routed),
         "num_experts": num_experts,
         "top_k": top_k,
-        "expert_size": next((config[k] for k in _EXPERT_SIZE_KEYS if config.get(k)), None),
+        "expert_size": config_value(config, EXPERT_SIZE_KEYS),
         "total_params": total,
         "active_params": active,
         "bytes_on_disk": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),

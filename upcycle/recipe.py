@@ -1,18 +1,33 @@
-"""The conversion recipe: one validated dataclass with a JSON/YAML round-trip."""
+"""The conversion recipe: one immutable description of a conversion, validated once when it is made.
+
+Common options are fields of :class:`Recipe`; the options an expert method owns live in its own
+dataclass (``recipe.method_options``, see :mod:`upcycle.experts.base`). Files and the CLI use flat keys
+(``granularity: 4``); :meth:`Recipe.from_dict` routes each to its owner and :meth:`Recipe.to_dict` writes
+them flat again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import RecipeError
+from .experts import MethodOptions, get_method, option_owners
+from .layers import check_layer_spec
+from .routers import get_router_init
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+#: key order of recipe files (older files wrote every key in this order); keys added later follow
+FILE_ORDER = ("num_experts", "top_k", "method", "target", "router_init", "router_std", "seed", "dtype",
+              "max_shard_size", "revision", "granularity", "split_strategy", "shared_experts", "allow_inexact",
+              "drop_ratio", "noise_std", "layers", "calibration", "calibration_tokens")
+CALIBRATION_HELP = "a .txt/.md file, a .jsonl file with a 'text' field, or a folder of them"
 
 
 def parse_size(value: int | str) -> int:
@@ -28,18 +43,30 @@ def parse_size(value: int | str) -> int:
                 break
         try:
             size = int(float(number) * _SIZE_UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):
             raise RecipeError(f"--max-shard-size: cannot read {value!r}; use a size such as 5GB or 500MB") from None
     if size <= 0:
         raise RecipeError(f"--max-shard-size must be positive, got {value!r}")
     return size
 
 
-@dataclass
+def _integer(flag: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise RecipeError(f"--{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _real(flag: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"--{flag} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that determines a conversion's output, apart from the source and output paths.
 
-    The same recipe with the same source always writes byte-identical files.
+    The same recipe with the same source always writes byte-identical files. Construction validates
+    every value that needs no model and raises :class:`RecipeError` with the fix.
     """
 
     num_experts: int = 8
@@ -52,59 +79,110 @@ class Recipe:
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     revision: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    # --- expert methods (docs/methods.md) -------------------------------------------------------
-    granularity: int = 1
-    split_strategy: str = "contiguous"
-    shared_experts: int = 0
     allow_inexact: bool = False
-    drop_ratio: float = 0.5
     noise_std: float = 0.0
     layers: str = "all"
     calibration: Optional[str] = None
     calibration_tokens: int = 16384
+    #: the options of ``method`` (its :class:`~upcycle.experts.MethodOptions` dataclass); None: its defaults
+    method_options: Optional[MethodOptions] = None
 
-    def validate(self) -> "Recipe":
-        """Check the values that need no model; raise :class:`RecipeError` with the fix."""
-        from .experts import get_method
-        from .routers import get_router_init
-
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise RecipeError(f"--num-experts must be an integer >= 1, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+    def __post_init__(self) -> None:
+        _integer("num-experts", self.num_experts, 1)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
             raise RecipeError(
-                f"--top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k!r}"
-            )
+                f"--top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k!r}")
         if self.dtype not in DTYPES:
             raise RecipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.router_std < 0:
+        if _real("router-std", self.router_std) < 0:
             raise RecipeError(f"--router-std must be >= 0, got {self.router_std}")
-        get_method(self.method)
+        if _real("noise-std", self.noise_std) < 0:
+            raise RecipeError(f"--noise-std must be >= 0, got {self.noise_std}")
+        _integer("seed", self.seed, 0)
+        _integer("calibration-tokens", self.calibration_tokens, 1)
+        method = get_method(self.method)
         get_router_init(self.router_init)
         parse_size(self.max_shard_size)
-        from .method_checks import check_method_options
+        object.__setattr__(self, "layers", check_layer_spec(self.layers))
+        if self.method_options is None:
+            object.__setattr__(self, "method_options", method.options())
+        elif type(self.method_options) is not method.options:
+            raise RecipeError(f"method_options {type(self.method_options).__name__} do not belong to --method "
+                              f"{self.method} (it takes {method.options.__name__})")
+        self.method_options.check(self)
+        reasons = self.calibration_reasons()
+        if reasons and not self.calibration:
+            raise RecipeError(f"{' and '.join(reasons)} need(s) calibration text: pass --calibration PATH "
+                              f"({CALIBRATION_HELP})")
 
-        check_method_options(self)
+    def validate(self) -> "Recipe":
+        """A recipe is validated when it is made; kept so that ``recipe.validate()`` chains."""
         return self
 
+    # --- what the recipe needs -----------------------------------------------------------------
+    def calibration_reasons(self) -> list[str]:
+        """The options that read ``--calibration`` text (empty when none does): the one place that decides."""
+        reasons = list(self.method_options.calibration_reasons() if self.method_options else [])
+        if get_router_init(self.router_init).needs_calibration:
+            reasons.append(f"--router-init {self.router_init}")
+        return reasons
+
     @property
-    def routed_group_size(self) -> int:
-        """Experts per virtual group: the FFN segments that are routed (granularity minus shared)."""
-        return self.granularity - self.shared_experts
+    def wants_hidden_states(self) -> bool:
+        """The router init reads the hidden states entering each MoE layer's FFN on calibration text."""
+        return get_router_init(self.router_init).needs_calibration
+
+    @property
+    def wants_activations(self) -> bool:
+        """The expert method reads the FFN neurons' activations on calibration text."""
+        return bool(self.method_options.calibration_reasons())
+
+    @property
+    def needs_layer_data(self) -> bool:
+        """Planning reads dense FFN matrices or calibration statistics (not only shapes)."""
+        return bool(self.calibration_reasons()) or self.method_options.needs_weights()
+
+    def option(self, name: str) -> Any:
+        """A method option by its flat name (``granularity``), the method's default when another method owns it."""
+        owner = option_owners()[name]
+        source = self.method_options if owner.name == self.method else owner.options()
+        return getattr(source, name)
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat keys, every method's options included (the selected method's values, the others' defaults)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method_options"}
+        flat.update({name: self.option(name) for name in option_owners()})
+        order = {key: i for i, key in enumerate(FILE_ORDER)}
+        return dict(sorted(flat.items(), key=lambda item: order.get(item[0], len(order))))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every flat key a recipe file or the API accepts."""
+        common = [f.name for f in dataclasses.fields(cls) if f.name != "method_options"]
+        return common + sorted(option_owners())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
-        """Build a recipe from a mapping; keys written as provenance (``upcycle``) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        data = {k.replace("-", "_"): v for k, v in data.items() if k != "upcycle"}
-        unknown = sorted(set(data) - names)
+        """Build a recipe from flat keys; keys written as provenance (``upcycle``) are ignored, and options
+        of a method other than ``method`` must keep their defaults."""
+        data = {str(k).replace("-", "_"): v for k, v in data.items() if k != "upcycle"}
+        if data.get("extra") in ({}, None):  # written by upcycle 0.1, never used
+            data.pop("extra", None)
+        unknown = sorted(set(data) - set(cls.keys()))
         if unknown:
-            raise RecipeError(f"unknown recipe key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-        return cls(**data)
+            raise RecipeError(f"unknown recipe key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(cls.keys()))}")
+        owners = option_owners()
+        options = {k: data.pop(k) for k in list(data) if k in owners}
+        method = get_method(data.get("method", cls.method))
+        foreign = [k for k, v in options.items()
+                   if owners[k].name != method.name and v != owners[k].options.fields()[k]]
+        if foreign:
+            flags = " and ".join(f"--{k.replace('_', '-')}" for k in foreign)
+            owner = " / ".join(sorted({owners[k].name for k in foreign}))
+            raise RecipeError(f"{flags} need --method {owner} (got --method {method.name})")
+        own = {k: v for k, v in options.items() if owners[k].name == method.name}
+        return cls(**data, method_options=method.options(**own))
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -125,3 +203,7 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path} must hold a mapping of keys to values")
         return cls.from_dict(data)
+
+    def replace(self, **flat: Any) -> "Recipe":
+        """A new recipe with some flat keys changed (None values are ignored)."""
+        return self.from_dict({**self.to_dict(), **{k: v for k, v in flat.items() if v is not None}})

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import RecipeError, SourceNotFoundError
+from .checkpoint import CONFIG_FILE, model_folder, provenance_of, read_recipe
+from .errors import DataError, RecipeError, SourceNotFoundError
+from .textdata import read_lines
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -41,49 +43,19 @@ class VerifyReport:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line) or JSONL with a ``text`` field."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"prompts file not found: {path}")
-    prompts = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                prompts.append(json.loads(line)["text"])
-            except (ValueError, KeyError, TypeError):
-                raise RecipeError(f"{path}: each JSONL line needs a 'text' field") from None
-        else:
-            prompts.append(line)
+    """Prompts: one per non-blank line of a text file, one per JSONL record (``text``), or those of a folder
+    of such files (see :mod:`upcycle.textdata`)."""
+    prompts = read_lines(path, "prompts")
     if not prompts:
-        raise RecipeError(f"prompts file {path} is empty")
+        raise DataError(f"prompts {path}: empty (no non-blank line and no JSONL record)")
     return prompts
-
-
-def _load_tokenizer(moe_path: Path, dense_src):
-    """The MoE's tokenizer, else the dense model's, else None.
-
-    transformers 5 builds an empty tokenizer for a folder without tokenizer files; one that turns
-    text into no ids is treated as missing.
-    """
-    from transformers import AutoTokenizer
-
-    for kwargs in ({"pretrained_model_name_or_path": str(moe_path)}, dense_src.pretrained_kwargs()):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(**kwargs)
-        except Exception:  # noqa: BLE001 - a folder without a usable tokenizer
-            continue
-        if tokenizer(DEFAULT_PROMPTS[0], add_special_tokens=False).input_ids:
-            return tokenizer
-    return None
 
 
 def _random_prompts(moe_path: Path):
     """Fixed pseudo-random token ids, for checkpoints that ship no tokenizer (tiny test models)."""
     import torch
 
-    config = json.loads((moe_path / "config.json").read_text())
+    config = json.loads((moe_path / CONFIG_FILE).read_text())
     vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]  # bundled: under text_config
     gen = torch.Generator().manual_seed(0)
     encoded = [torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 11, 17, 23)]
@@ -91,18 +63,12 @@ def _random_prompts(moe_path: Path):
 
 
 def _claims_exact(moe_path: Path) -> bool:
-    recipe = moe_path / "upcycle_recipe.json"
-    if not recipe.is_file():
-        return False
-    return bool(json.loads(recipe.read_text()).get("upcycle", {}).get("exact", False))
+    return bool(provenance_of(read_recipe(moe_path)).get("exact", False))
 
 
 def _claims_forced_exact(moe_path: Path, expert: int) -> bool:
     """True when the merge recorded that routing every token to ``expert`` reproduces its source exactly."""
-    recipe = moe_path / "upcycle_recipe.json"
-    if not recipe.is_file():
-        return False
-    forced = json.loads(recipe.read_text()).get("upcycle", {}).get("merge", {}).get("forced_exact") or []
+    forced = provenance_of(read_recipe(moe_path)).get("merge", {}).get("forced_exact") or []
     return 0 <= expert < len(forced) and bool(forced[expert])
 
 
@@ -135,7 +101,7 @@ def route_all_to_expert(model, expert: int) -> None:
 
 def _stored_dtype(moe_path: Path, default: str) -> str:
     """The dtype the MoE's weights are stored in, from its config."""
-    config = json.loads((moe_path / "config.json").read_text())
+    config = json.loads((moe_path / CONFIG_FILE).read_text())
     stored = config.get("dtype") or config.get("torch_dtype") or default
     return stored if stored in DEFAULT_ATOL else default
 
@@ -194,6 +160,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     from transformers.utils import logging as hf_logging
 
     from .io import open_source
+    from .tokenizer import load_tokenizer
 
     if quiet:
         hf_logging.set_verbosity_error()
@@ -202,11 +169,9 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     if torch_dtype is None:
         raise RecipeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     _check_device(device)
-    moe_path = Path(moe)
-    if not (moe_path / "config.json").is_file():
-        raise SourceNotFoundError(f"{moe}: not a model folder (no config.json)")
+    moe_path = model_folder(moe)
     dense_src = open_source(str(dense), quiet=quiet)
-    tokenizer = _load_tokenizer(moe_path, dense_src)
+    tokenizer = load_tokenizer(moe_path, dense_src.pretrained_kwargs())
     if tokenizer is not None:
         prompts = list(prompts or DEFAULT_PROMPTS)
         encoded = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]

@@ -1,63 +1,56 @@
-"""Expert methods: how one dense FFN becomes a set of experts."""
+"""Expert methods: how one dense FFN becomes a set of experts, each with the options it owns.
+
+A method is one module with ``METHOD = ExpertMethod(...)``. Its options are a small frozen dataclass
+(subclass of :class:`MethodOptions`, peft-style): each field is a flat recipe key and a CLI flag
+(``drop_ratio`` -> ``--drop-ratio``), and the class says what it checks and which data it needs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from ..layer_data import LayerData
+from ..tensors import ExpertSlice, LayerExperts
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import Recipe
 
+__all__ = ["ExpertMethod", "ExpertSlice", "LayerExperts", "MethodContext", "MethodOptions", "NoOptions"]
+
 
 @dataclass(frozen=True)
-class ExpertSlice:
-    """One expert as a view of the dense FFN: which neurons it keeps and how its down projection is scaled.
+class MethodOptions:
+    """The options one expert method owns. Subclasses add fields with defaults and override the hooks."""
 
-    ``neurons`` of None means every neuron in the dense order. ``reinit`` lists positions (within the
-    expert) whose gate/up rows and down column are redrawn from the dense matrices' mean and std;
-    ``noise_std`` adds Gaussian noise; both draw from a generator seeded with ``seed``.
-    ``source`` names another checkpoint served by the reader (``upcycle merge``): the expert's FFN matrices
-    are then read under ``f"{source}::{dense_key}"`` instead of the dense key.
-    """
+    def check(self, recipe: "Recipe") -> None:
+        """Raise :class:`~upcycle.errors.RecipeError` for values no model can satisfy (needs no model)."""
 
-    neurons: Optional[torch.Tensor] = None
-    down_scale: float = 1.0
-    reinit: Optional[torch.Tensor] = None
-    noise_std: float = 0.0
-    seed: int = 0
-    source: Optional[str] = None
+    def calibration_reasons(self) -> list[str]:
+        """The options that read ``--calibration`` text (empty when none does)."""
+        return []
 
-    def key(self, dense_key: str) -> str:
-        """The reader key of this expert's copy of ``dense_key`` (prefixed by ``source`` when set)."""
-        return dense_key if self.source is None else f"{self.source}::{dense_key}"
+    def needs_weights(self) -> bool:
+        """True when the method reads the dense FFN matrices to decide its experts (not only to copy them)."""
+        return False
 
-    @property
-    def is_copy(self) -> bool:
-        """True when the expert is the dense matrix unchanged."""
-        return self.neurons is None and self.down_scale == 1.0 and self.reinit is None and not self.noise_std
-
-    def width(self, dense_size: int) -> int:
-        return dense_size if self.neurons is None else int(self.neurons.numel())
+    @classmethod
+    def fields(cls) -> dict[str, Any]:
+        """Option name -> default value."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-@dataclass
-class LayerExperts:
-    """The experts of one MoE layer, plus the virtual group of each (experts of one group share a router row)."""
-
-    experts: list[ExpertSlice]
-    groups: list[int]
-    shared: Optional[ExpertSlice] = None
-    exact: bool = True
-    notes: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """A method without options of its own."""
 
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method may look at: sizes, the recipe and a seeded generator for this layer."""
+    """What a method may look at: sizes, its options, a seeded generator and (at conversion time) layer data."""
 
     layer: int
     dense_size: int
@@ -65,8 +58,7 @@ class MethodContext:
     num_experts: int
     top_k: int
     generator: torch.Generator
-    options: dict
-    recipe: Optional["Recipe"] = None
+    options: MethodOptions = NoOptions()
     data: Optional[LayerData] = None
 
 
@@ -78,3 +70,4 @@ class ExpertMethod:
     exact: bool
     build: Callable[[MethodContext], LayerExperts]
     description: str = ""
+    options: type[MethodOptions] = NoOptions

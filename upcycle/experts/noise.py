@@ -15,5 +15,4 @@ def add_noise(layer: LayerExperts, std: float, generator: torch.Generator) -> La
     for sl in layer.experts:
         seed = sl.seed or int(torch.randint(2**62, (1,), generator=generator))
         experts.append(dataclasses.replace(sl, noise_std=float(std), seed=seed))
-    return dataclasses.replace(layer, experts=experts, exact=False,
-                               notes=layer.notes + [f"Gaussian noise std {std} on every expert"])
+    return dataclasses.replace(layer, experts=experts, exact=False)

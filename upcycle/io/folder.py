@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE, weight_files
 from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .source import DenseSource
 
 
-def _index_files(folder: Path, index_name: str) -> list[Path]:
-    index_path = folder / index_name
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError):
-        raise CorruptCheckpointError(f"{index_path}: not a valid index (needs a 'weight_map')") from None
-    files = list(dict.fromkeys(weight_map.values()))
-    missing = [f for f in files if not (folder / f).is_file()]
+def _weight_paths(folder: Path, single: str, index: str) -> list[Path]:
+    """The weight files of ``folder`` in one layout (single file or indexed shards); missing shards refused."""
+    weights = weight_files(folder, single=single, index=index)
+    if weights is None:
+        return [folder / single]
+    missing = weights.missing(folder)
     if missing:
-        raise SourceNotFoundError(f"{index_path} names shard(s) that are missing: {', '.join(missing)}")
-    return [folder / f for f in files]
+        raise SourceNotFoundError(f"{folder / index} names shard(s) that are missing: {', '.join(missing)}")
+    return [folder / f for f in weights.files]
 
 
 class SafetensorsFolder(DenseSource):
@@ -32,10 +30,7 @@ class SafetensorsFolder(DenseSource):
     def __init__(self, folder: Path, spec: str | None = None):
         self.folder = Path(folder)
         self.spec = spec or str(folder)
-        if (self.folder / "model.safetensors.index.json").is_file():
-            files = _index_files(self.folder, "model.safetensors.index.json")
-        else:
-            files = [self.folder / "model.safetensors"]
+        files = _weight_paths(self.folder, SINGLE_FILE, INDEX_FILE)
         self._infos: dict[str, TensorInfo] = {}
         for path in files:
             self._infos.update(read_header(path)[0])
@@ -65,10 +60,7 @@ class TorchBinFolder(DenseSource):
     def __init__(self, folder: Path, spec: str | None = None):
         self.folder = Path(folder)
         self.spec = spec or str(folder)
-        if (self.folder / "pytorch_model.bin.index.json").is_file():
-            self._files = _index_files(self.folder, "pytorch_model.bin.index.json")
-        else:
-            self._files = [self.folder / "pytorch_model.bin"]
+        self._files = _weight_paths(self.folder, TORCH_SINGLE_FILE, TORCH_INDEX_FILE)
         self._where: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -113,9 +105,9 @@ def open_folder(folder: Path, spec: str | None = None) -> DenseSource:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SourceNotFoundError(f"{folder} is not a model folder: it has no config.json")
-    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+    if (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file():
         return SafetensorsFolder(folder, spec)
-    if (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
+    if (folder / TORCH_SINGLE_FILE).is_file() or (folder / TORCH_INDEX_FILE).is_file():
         return TorchBinFolder(folder, spec)
     raise SourceNotFoundError(
         f"{folder} has a config.json but no weights (model.safetensors, an index with shards, or pytorch_model.bin)")

@@ -8,11 +8,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..checkpoint import INDEX_FILE, SINGLE_FILE
 from .safetensors_format import TensorInfo, TensorSpec, encode_header, write_tensor_bytes
 from .staged import StagedFile
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def split_into_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:

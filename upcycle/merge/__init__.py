@@ -7,6 +7,7 @@ the sources), :mod:`.routers` / :mod:`.probe` (router rows from prompts and doma
 """
 
 from .api import MergeResult, merge
-from .config import ExpertSpec, MergeConfig, load_config
+from .config import ExpertSpec, MergeConfig
+from .loading import load_config
 
 __all__ = ["ExpertSpec", "MergeConfig", "MergeResult", "load_config", "merge"]

@@ -26,7 +26,8 @@ class MergeResult:
 
 
 def _with_overrides(config: Any, overrides: dict[str, Any]):
-    from .config import MergeConfig, load_config
+    from .config import MergeConfig
+    from .loading import load_config
 
     cfg = load_config(config)
     names = {f.name for f in dataclasses.fields(MergeConfig)}
@@ -113,7 +114,7 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
 
 def _with_routers(plan, cfg, merged, base_config):
     """The plan with router rows from prompts, domain text or the uniform init (normal/zeros: as planned)."""
-    from ..calibration import load_tokenizer
+    from ..calibration import calibration_tokenizer
     from .planning import with_router_rows
     from .routers import domain_rows, embed_rows, embedding_key, hidden_rows, uniform_rows
 
@@ -122,7 +123,7 @@ def _with_routers(plan, cfg, merged, base_config):
         return plan
     if init == "uniform":
         return with_router_rows(plan, uniform_rows(cfg, plan.hidden_size, layers))
-    tokenizer = load_tokenizer(merged.base)
+    tokenizer = calibration_tokenizer(merged.base)
     if init == "hidden":
         rows = hidden_rows(cfg, merged.base, plan.family, layers, tokenizer)
     elif init == "domain":
@@ -202,23 +203,19 @@ def _verify(folder: Path, cfg, merged, ids: dict[str, str], plan, summary: dict[
 
 
 def _write_provenance(folder: Path, plan, cfg, summary: dict[str, Any], extra: dict[str, Any]) -> None:
-    from ..convert import RECIPE_FILE, _versions
+    from ..checkpoint import library_versions, write_recipe
 
-    merge_info = {**cfg.to_dict(), **extra}
-    provenance = {"source": cfg.base, "versions": _versions(), **summary, "merge": merge_info}
+    provenance = {"source": cfg.base, "versions": library_versions(), **summary, "merge": {**cfg.to_dict(), **extra}}
     # flat keys say what was done (method merge, the merge's router init): `inspect` reads them
-    recipe = {**plan.recipe.to_dict(), "method": "merge", "router_init": cfg.router_init}
-    (folder / RECIPE_FILE).write_text(json.dumps({**recipe, "upcycle": provenance}, indent=2) + "\n")
+    write_recipe(folder, {**plan.recipe.to_dict(), "method": "merge", "router_init": cfg.router_init}, provenance)
 
 
 def _write_model_files(folder: Path, plan, merged, base_config) -> list[str]:
     """config.json (and remote code), the base's generation config and tokenizer."""
-    from ..plan import build_target_config
+    from ..checkpoint import CONFIG_FILE
 
-    build_target_config(plan).save_pretrained(folder)
-    written = ["config.json"]
-    if plan.target.extra_files is not None:
-        written += plan.target.extra_files(folder, plan)
+    plan.target.build_config(plan).save_pretrained(folder)
+    written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
     merged.generation_config(base_config).save_pretrained(folder)
     written.append("generation_config.json")
     return written + merged.save_tokenizer(folder)
@@ -228,16 +225,15 @@ def _write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], veri
                   repo_id: Optional[str]) -> list[str]:
     """upcycle_recipe.json (the merge config under ``upcycle.merge``) and the model card listing every source."""
     from ..card import render_card, repo_id_from_cache_path, source_license
-    from ..convert import RECIPE_FILE
+    from ..checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE, provenance_of, read_recipe
 
-    previous = json.loads((folder / RECIPE_FILE).read_text()) if (folder / RECIPE_FILE).is_file() else {}
-    forced = previous.get("upcycle", {}).get("merge", {}).get("forced_exact")
+    forced = provenance_of(read_recipe(folder)).get("merge", {}).get("forced_exact")
     _write_provenance(folder, plan, cfg, {**summary, "verification": verification},
                       {"forced_exact": forced} if forced is not None else {})
     sources = [merged.base, *[s for s in merged.sources.values() if s is not merged.base]]
     # Hub ids only (a local folder has none, as in `convert`); every source is listed in the Experts section
     names = [n for n in (s.repo_id or repo_id_from_cache_path(s.folder) for s in sources) if n]
-    remote = bool(json.loads((folder / "config.json").read_text()).get("auto_map"))
+    remote = bool(json.loads((folder / CONFIG_FILE).read_text()).get("auto_map"))
     table = {"base_model": cfg.base, "shared_weights": cfg.shared_weights, "router_init": cfg.router_init,
              "top_k": cfg.top_k, "experts": [e.source for e in cfg.experts], "target": plan.target.name,
              "dtype": plan.dtype_name, "seed": cfg.seed}
@@ -247,8 +243,8 @@ def _write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], veri
                                  "`upcycle.merge`), the sources and the library versions; `upcycle merge` with "
                                  "that config reproduces the model.")
     card.text += _card_merge_section(cfg, verification)
-    card.save(folder / "README.md")
-    return [RECIPE_FILE, "README.md"]
+    card.save(folder / CARD_FILE)
+    return [RECIPE_FILE, CARD_FILE]
 
 
 def _card_merge_section(cfg, verification: dict[str, Any]) -> str:

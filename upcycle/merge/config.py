@@ -1,15 +1,13 @@
 """The merge config in upcycle's own format: which source gives each expert, how the routers start.
 
-A config is YAML or JSON; :func:`load_config` also accepts mergekit-moe's YAML (see :mod:`.mergekit`)
-and tells the two apart by their keys.
+A config is YAML or JSON; :func:`upcycle.merge.loading.load_config` also accepts mergekit-moe's YAML
+(see :mod:`.mergekit`) and tells the two apart by their keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import RecipeError
@@ -174,32 +172,3 @@ def parse_config(data: dict[str, Any]) -> MergeConfig:
     return MergeConfig(experts=tuple(parse_expert(e, f"experts[{i}]") for i, e in enumerate(experts)),
                        shared_expert=parse_expert(shared, "shared_expert") if shared is not None else None,
                        **data).validate()
-
-
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"merge config not found: {path}")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text())
-        else:
-            data = json.loads(path.read_text())
-    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        raise RecipeError(f"cannot parse merge config {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"merge config {path} must hold a mapping of keys to values")
-    return data
-
-
-def load_config(config: "MergeConfig | dict[str, Any] | str | Path") -> MergeConfig:
-    """A validated config from an object, a mapping or a file, in the own format or mergekit-moe's."""
-    from .mergekit import from_mergekit, is_mergekit
-
-    if isinstance(config, MergeConfig):
-        return config.validate()
-    data = dict(config) if isinstance(config, dict) else read_mapping(config)
-    return from_mergekit(data) if is_mergekit(data) else parse_config(data)

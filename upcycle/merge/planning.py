@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UnsupportedArchitectureError
 from ..experts import ExpertSlice, LayerExperts, MethodContext
-from ..plan import DTYPES, ConversionPlan, make_plan
+from ..plan import ConversionPlan, make_plan
 from ..recipe import Recipe
 from ..targets import MoeTarget, all_targets, auto_candidates
 from .config import MergeConfig
@@ -67,14 +67,6 @@ def expert_builder(config: MergeConfig, ids: dict[str, str]) -> Callable[[Method
     return build
 
 
-def router_name(plan: ConversionPlan, layer: int) -> str:
-    """The router tensor's name in the output (the bundled model keeps it under the family's MLP path)."""
-    key = plan.target.router_key
-    if "<mlp>" in key:
-        key = key.replace("<mlp>", f"{plan.family.layer_prefix.format(i=layer)}{plan.family.mlp_module}")
-    return key.format(i=layer)
-
-
 def plan_merge(config: MergeConfig, base_config: Any, infos: dict[str, Any], ids: dict[str, str]) -> ConversionPlan:
     """The converter's plan for this merge, read from configs and tensor headers only."""
     from ..families import family_for_model_type
@@ -87,8 +79,8 @@ def plan_merge(config: MergeConfig, base_config: Any, infos: dict[str, Any], ids
 
 def with_router_rows(plan: ConversionPlan, rows: dict[int, torch.Tensor]) -> ConversionPlan:
     """The plan with each MoE layer's router tensor made from ``rows[layer]`` ([E, H], float32)."""
-    dtype = DTYPES[plan.dtype_name]
-    names = {router_name(plan, layer): layer for layer in plan.moe_layers}
+    dtype = plan.dtype
+    names = {plan.target.layout.router_name(plan, layer): layer for layer in plan.moe_layers}
     tensors, found = [], set()
     for tensor in plan.tensors:
         layer = names.get(tensor.spec.name)

@@ -14,8 +14,8 @@ import torch
 from ..errors import UnsupportedArchitectureError, UpcycleError
 from ..io.safetensors_format import TensorInfo
 from ..io.source import DenseSource
+from ..tensors import SOURCE_SEPARATOR as SEPARATOR
 
-SEPARATOR = "::"
 STALE = ("rotary_emb.inv_freq",)  # buffers old checkpoints saved (never part of the output)
 #: config keys that name, version or tokenise a checkpoint without changing what its layers compute
 IGNORED_CONFIG_KEYS = {
@@ -72,7 +72,6 @@ class MergedSource(DenseSource):
         self.average = average or []
         self.spec, self.folder = base.spec, base.folder
         self.repo_id, self.commit = base.repo_id, base.commit
-        self._views: dict[str, dict[str, Any]] = {}
         self._fused_ffn: Optional[set[str]] = None
 
     @property
@@ -91,18 +90,9 @@ class MergedSource(DenseSource):
     def _averaged(self, name: str) -> bool:
         return bool(self.average) and not self.is_ffn(name) and self.base.infos[name].dtype.is_floating_point
 
-    def _source_views(self, sid: str) -> dict[str, Any]:
-        if sid not in self._views:
-            source = self.sources[sid]
-            self._views[sid] = self.family.present(_config_dict(source.load_config()), source.infos)[1]
-        return self._views[sid]
-
     def read(self, name: str) -> torch.Tensor:
         sid, sep, key = name.partition(SEPARATOR)
-        if sep:
-            views = self._source_views(sid)
-            if key in views:
-                return views[key].read(self.sources[sid].read(views[key].fused))
+        if sep:  # fused tensors were already resolved by the SourceCache (same views, same prefix)
             return self.sources[sid].read(key)
         if self._averaged(name):
             return self._mean(name)
@@ -122,7 +112,7 @@ class MergedSource(DenseSource):
     def stored(self, name: str) -> Optional[TensorInfo]:
         sid, sep, key = name.partition(SEPARATOR)
         if sep:
-            return None if key in self._source_views(sid) else self.sources[sid].stored(key)
+            return self.sources[sid].stored(key)
         return None if self._averaged(name) else self.base.stored(name)
 
     def load_config(self) -> Any:

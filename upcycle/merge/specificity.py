@@ -32,11 +32,11 @@ def router_modules(model: Any, num_experts: int) -> dict[int, tuple[Any, torch.T
 
 def num_experts_of(folder: Path) -> tuple[int, int]:
     """``(num_experts, top_k)`` from an MoE config (native or bundled)."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-                   if config.get(k))
-    top_k = next(config[k] for k in ("num_experts_per_tok", "moe_k", "moe_topk") if config.get(k))
-    return int(experts), int(top_k[0] if isinstance(top_k, list) else top_k)
+    from ..checkpoint import CONFIG_FILE, expert_count, experts_per_token
+
+    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    top_k = experts_per_token(config)
+    return int(expert_count(config)), int(top_k[0] if isinstance(top_k, list) else top_k)
 
 
 def routing_specificity(moe: str | Path, prompts: Sequence[Sequence[str]], tokenizer: Optional[Any] = None,
@@ -46,15 +46,18 @@ def routing_specificity(moe: str | Path, prompts: Sequence[Sequence[str]], token
     Returns ``{"top1": {layer: [share per expert]}, "topk": {...}, "mean_top1", "mean_topk", "chance_top1",
     "tokens": [per expert]}``. Special tokens are left out.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from ..tokenizer import load_tokenizer
     from .probe import encode_prompts
 
     folder = Path(moe)
     num_experts, top_k = num_experts_of(folder)
     if len(prompts) != num_experts:
         raise ValueError(f"{num_experts} experts but {len(prompts)} prompt lists")
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+    tokenizer = tokenizer or load_tokenizer(folder)
+    if tokenizer is None:
+        raise ValueError(f"{folder} has no tokenizer to encode the prompts with")
     model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     routers = router_modules(model, num_experts)
     choices: dict[int, torch.Tensor] = {}

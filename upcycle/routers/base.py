@@ -10,7 +10,7 @@ import torch
 from ..layer_data import LayerData
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..experts import LayerExperts
+    from ..tensors import LayerExperts
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from ..errors import RecipeError
+from ..tensors import ExpertSlice
+from .base import packed_slices
+
 HALF = 0.5
 
 
@@ -27,13 +31,11 @@ def halve_full_width(plan, layer, experts):
     if not full_width(plan, experts):
         return experts
     halved = [dataclasses.replace(e, down_scale=e.down_scale * HALF) for e in experts.experts]
-    return dataclasses.replace(experts, experts=halved, notes=[*experts.notes, "shared MLP: half/half"])
+    return dataclasses.replace(experts, experts=halved)
 
 
 def shared_slice(plan, layer):
     """The shared MLP's slice of the dense FFN for ``layer``, or None when it should hold nothing."""
-    from ..experts import ExpertSlice
-
     experts = plan.layers[layer]
     if experts.shared is not None:
         return experts.shared
@@ -45,9 +47,6 @@ def shared_slice(plan, layer):
 def expert_wide_tensors(plan, layer: int, layout: dict[str, tuple[str, ...]]) -> list:
     """A shared MLP that must be one expert wide: the shared slice, else expert 0's gate/up rows with a
     zero down projection (adds nothing, yet its down projection gets gradients)."""
-    from ..errors import RecipeError
-    from ..experts import ExpertSlice
-
     sl = shared_slice(plan, layer)
     if sl is None:
         first = ExpertSlice(neurons=plan.layers[layer].experts[0].neurons)
@@ -59,26 +58,10 @@ def expert_wide_tensors(plan, layer: int, layout: dict[str, tuple[str, ...]]) ->
 
 
 def slice_tensors(plan, layer: int, layout: dict[str, tuple[str, ...]], sl, zero_down: bool = False) -> list:
-    """The tensors of one MLP made of slice ``sl`` of the dense FFN, laid out like ``packed_experts``
-    (each template's projections concatenated along rows), with an optional zero down projection."""
-    import torch
-
-    from ..plan import DTYPES, OutTensor, TensorSpec, _expert_maker
-
-    dtype, width, hidden = DTYPES[plan.dtype_name], sl.width(plan.dense_size), plan.hidden_size
-    out = []
-    for template, projs in layout.items():
-        keys = [plan.family.mlp_key(layer, proj) for proj in projs]
-        makers = [_expert_maker(key, proj, sl, dtype) for key, proj in zip(keys, projs)]
-        if zero_down and projs == ("down",):
-            makers = [lambda cache: torch.zeros((hidden, width), dtype=dtype)]
-        shape = (hidden, width) if projs == ("down",) else (width * len(projs), hidden)
-
-        def make(cache, makers=makers) -> torch.Tensor:
-            return torch.cat([m(cache) for m in makers], dim=0)
-
-        out.append(OutTensor(TensorSpec(template.format(i=layer), shape, dtype), keys[0], make))
-    return out
+    """The tensors of one MLP made of slice ``sl`` of the dense FFN, laid out like a packed layout (each
+    template's projections concatenated along rows), with an optional zero down projection."""
+    return [packed_slices(plan, template.format(i=layer), layer, projs, [sl], zero_down=zero_down, stacked=False)
+            for template, projs in layout.items()]
 
 
 def width(plan) -> int:

@@ -24,10 +24,9 @@ def _moe_config(plan):
 
 TARGET = MoeTarget(
     name="cohere2_moe",
-    model_type="cohere2_moe",
     config_class="Cohere2MoeConfig",
     families=("cohere2",),
-    **MLP_EXPERTS_LAYOUT,
+    layout=MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     supports_layer_subset=True,
     description="Cohere2MoeForCausalLM; layer_types (sliding/full) and logit_scale copied",

@@ -9,6 +9,8 @@ with full-width experts). With narrower experts they are one expert wide with a 
 
 from __future__ import annotations
 
+from ..errors import RecipeError
+from ..tensors import zeros_tensor
 from . import _shared_mlp
 from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
@@ -17,8 +19,6 @@ LAYOUT = {f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight": (p,) for p i
 
 def _num_shared(plan) -> int:
     """``n_shared_experts``: the shared MLP's width in expert widths."""
-    from ..errors import RecipeError
-
     width = _shared_mlp.width(plan) or plan.expert_size
     if width % plan.expert_size:
         raise RecipeError(f"dots1's shared experts are a multiple of the expert width ({plan.expert_size}); "
@@ -43,18 +43,16 @@ def _moe_config(plan):
 
 
 def _extra(plan, layer):
-    from ..plan import zeros_tensor
-
-    bias = zeros_tensor(f"model.layers.{layer}.mlp.gate.e_score_correction_bias", (plan.recipe.num_experts,), plan)
+    bias = zeros_tensor(f"model.layers.{layer}.mlp.gate.e_score_correction_bias", (plan.recipe.num_experts,),
+                        plan.dtype)
     return [bias, *_shared_mlp.expert_wide_tensors(plan, layer, LAYOUT)]
 
 
 TARGET = MoeTarget(
     name="dots1",
-    model_type="dots1",
     config_class="Dots1Config",
     families=("qwen3",),
-    **MLP_EXPERTS_LAYOUT,
+    layout=MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     adjust=_shared_mlp.halve_full_width,
     extra_layer_tensors=_extra,

@@ -1,6 +1,7 @@
 """ERNIE 4.5 MoE: fp32 softmax router, renormalised top-k, a zero ``e_score_correction_bias``
 (``moe_statics``) per layer; MoE layers are every layer from ``moe_layer_start_index`` = 0."""
 
+from ..tensors import zeros_tensor
 from .base import MLP_EXPERTS_LAYOUT, MoeTarget, Requirement
 
 
@@ -24,18 +25,15 @@ def _moe_config(plan):
 
 def _correction_bias(plan, layer):
     """The router's selection bias, zero: selection is then by the softmax scores alone."""
-    from ..plan import zeros_tensor
-
     return [zeros_tensor(f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias",
-                         (1, plan.recipe.num_experts), plan)]
+                         (1, plan.recipe.num_experts), plan.dtype)]
 
 
 TARGET = MoeTarget(
     name="ernie4_5_moe",
-    model_type="ernie4_5_moe",
     config_class="Ernie4_5_MoeConfig",
     families=("ernie4_5",),
-    **MLP_EXPERTS_LAYOUT,
+    layout=MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     requirements=(
         Requirement(_no_bias, "the dense model has biases (use_bias=true), including on its MLP, "

@@ -16,10 +16,9 @@ def _moe_config(plan):
 
 TARGET = MoeTarget(
     name="flex_olmo",
-    model_type="flex_olmo",
     config_class="FlexOlmoConfig",
     families=("olmo2",),
-    **MLP_EXPERTS_LAYOUT,
+    layout=MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     description="FlexOlmoForCausalLM with norm_topk_prob=true",
 )

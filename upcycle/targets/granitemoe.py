@@ -2,7 +2,7 @@
 ``input_linear [E, 2F, H]`` (gate rows, then up rows) and ``output_linear [E, H, F]``; its router
 takes top-k logits and softmaxes over them, so the weights are renormalised."""
 
-from .base import MoeTarget
+from .base import MoeTarget, PackedLayout
 
 
 def _moe_config(plan):
@@ -16,16 +16,15 @@ def _moe_config(plan):
 
 TARGET = MoeTarget(
     name="granitemoe",
-    model_type="granitemoe",
     config_class="GraniteMoeConfig",
     families=("granite",),
-    router_key="model.layers.{i}.block_sparse_moe.router.layer.weight",
-    expert_key="",  # experts are packed, see packed_experts
-    proj_names={},
-    packed_experts={
-        "model.layers.{i}.block_sparse_moe.input_linear.weight": ("gate", "up"),
-        "model.layers.{i}.block_sparse_moe.output_linear.weight": ("down",),
-    },
+    layout=PackedLayout(
+        router_key="model.layers.{i}.block_sparse_moe.router.layer.weight",
+        packed={
+            "model.layers.{i}.block_sparse_moe.input_linear.weight": ("gate", "up"),
+            "model.layers.{i}.block_sparse_moe.output_linear.weight": ("down",),
+        },
+    ),
     moe_config=_moe_config,
     description="GraniteMoeForCausalLM; embedding/residual/attention/logit multipliers copied",
 )

@@ -25,13 +25,9 @@ def _shared_mlp_tensors(plan, layer):
 
 TARGET = MoeTarget(
     name="granitemoeshared",
-    model_type="granitemoeshared",
     config_class="GraniteMoeSharedConfig",
     families=("granite",),
-    router_key=GRANITEMOE.router_key,
-    expert_key="",  # experts are packed, see packed_experts
-    proj_names={},
-    packed_experts=GRANITEMOE.packed_experts,
+    layout=GRANITEMOE.layout,
     moe_config=_moe_config,
     adjust=_shared_mlp.halve_full_width,
     extra_layer_tensors=_shared_mlp_tensors,

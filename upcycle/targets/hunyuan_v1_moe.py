@@ -9,6 +9,9 @@ full-width experts). With experts narrower than the dense FFN it takes expert 0'
 from __future__ import annotations
 
 from . import _shared_mlp
+import dataclasses
+
+from ..errors import RecipeError
 from .base import MLP_EXPERTS_LAYOUT, MoeTarget
 
 LAYOUT = {f"model.layers.{{i}}.mlp.shared_mlp.{p}_proj.weight": (p,) for p in ("gate", "up", "down")}
@@ -24,8 +27,6 @@ def _moe_config(plan):
 
 
 def _shared_mlp_tensors(plan, layer):
-    from ..errors import RecipeError
-
     sl = _shared_mlp.shared_slice(plan, layer)
     if sl is not None and sl.width(plan.dense_size) != plan.expert_size:
         raise RecipeError(f"hunyuan_v1_moe's shared_mlp is as wide as one expert ({plan.expert_size}); "
@@ -35,12 +36,9 @@ def _shared_mlp_tensors(plan, layer):
 
 TARGET = MoeTarget(
     name="hunyuan_v1_moe",
-    model_type="hunyuan_v1_moe",
     config_class="HunYuanMoEV1Config",
     families=("hunyuan_v1_dense",),
-    router_key="model.layers.{i}.mlp.gate.wg.weight",
-    expert_key=MLP_EXPERTS_LAYOUT["expert_key"],
-    proj_names=MLP_EXPERTS_LAYOUT["proj_names"],
+    layout=dataclasses.replace(MLP_EXPERTS_LAYOUT, router_key="model.layers.{i}.mlp.gate.wg.weight"),
     moe_config=_moe_config,
     adjust=_shared_mlp.halve_full_width,
     extra_layer_tensors=_shared_mlp_tensors,

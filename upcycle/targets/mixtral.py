@@ -1,7 +1,7 @@
 """Mixtral: softmax router with renormalised top-k; takes llama, mistral (sliding window) and phi3
 (fused qkv/gate_up presented split by the phi3 family; full rotary only)."""
 
-from .base import MoeTarget, Requirement, no_attention_bias
+from .base import MoeTarget, PerExpertLayout, Requirement, no_attention_bias
 
 
 def _moe_config(plan):
@@ -18,12 +18,13 @@ def _moe_config(plan):
 
 TARGET = MoeTarget(
     name="mixtral",
-    model_type="mixtral",
     config_class="MixtralConfig",
     families=("llama", "mistral", "phi3"),
-    router_key="model.layers.{i}.block_sparse_moe.gate.weight",
-    expert_key="model.layers.{i}.block_sparse_moe.experts.{e}.{proj}.weight",
-    proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+    layout=PerExpertLayout(
+        router_key="model.layers.{i}.block_sparse_moe.gate.weight",
+        expert_key="model.layers.{i}.block_sparse_moe.experts.{e}.{proj}.weight",
+        proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+    ),
     moe_config=_moe_config,
     requirements=(
         Requirement(no_attention_bias, "the dense attention has biases (attention_bias=true), which mixtral lacks"),

@@ -4,7 +4,10 @@ Replicated experts carry the whole FFN, so the shared expert is written with wid
 with ``--shared-experts`` it holds the shared neurons, its gate weights zero and its down projection doubled.
 """
 
-from .base import MLP_EXPERTS_LAYOUT, MoeTarget
+import dataclasses
+
+from ..tensors import zeros_tensor
+from .base import MLP_EXPERTS_LAYOUT, MoeTarget, slice_tensor
 
 
 def _moe_config(plan):
@@ -26,19 +29,15 @@ def _shared_expert(plan, layer):
 
     sigmoid(0) = 1/2, so the shared expert's down projection is doubled: exact.
     """
-    import dataclasses
-
-    from ..plan import slice_tensor, zeros_tensor
-
     hidden, width = plan.hidden_size, plan.shared_size
     prefix = f"model.layers.{layer}.mlp."
-    gate = zeros_tensor(prefix + "shared_expert_gate.weight", (1, hidden), plan)
+    gate = zeros_tensor(prefix + "shared_expert_gate.weight", (1, hidden), plan.dtype)
     shared = plan.layers[layer].shared
     if shared is None:
         return [
-            zeros_tensor(prefix + "shared_expert.gate_proj.weight", (width, hidden), plan),
-            zeros_tensor(prefix + "shared_expert.up_proj.weight", (width, hidden), plan),
-            zeros_tensor(prefix + "shared_expert.down_proj.weight", (hidden, width), plan),
+            zeros_tensor(prefix + "shared_expert.gate_proj.weight", (width, hidden), plan.dtype),
+            zeros_tensor(prefix + "shared_expert.up_proj.weight", (width, hidden), plan.dtype),
+            zeros_tensor(prefix + "shared_expert.down_proj.weight", (hidden, width), plan.dtype),
             gate,
         ]
     sl = dataclasses.replace(shared, down_scale=shared.down_scale * TARGET.shared_expert_scale)
@@ -48,10 +47,9 @@ def _shared_expert(plan, layer):
 
 TARGET = MoeTarget(
     name="qwen2_moe",
-    model_type="qwen2_moe",
     config_class="Qwen2MoeConfig",
     families=("qwen2",),
-    **MLP_EXPERTS_LAYOUT,
+    layout=MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     supports_layer_subset=True,
     extra_layer_tensors=_shared_expert,

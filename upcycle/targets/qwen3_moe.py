@@ -23,10 +23,9 @@ def _moe_config(plan):
 
 TARGET = MoeTarget(
     name="qwen3_moe",
-    model_type="qwen3_moe",
     config_class="Qwen3MoeConfig",
     families=("qwen3",),
-    **MLP_EXPERTS_LAYOUT,
+    layout=MLP_EXPERTS_LAYOUT,
     moe_config=_moe_config,
     requirements=(
         Requirement(_uniform_attention, "the dense model mixes sliding-window and full-attention layers, "

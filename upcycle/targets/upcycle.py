@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
 
-import torch
-
-from ..families import PROJECTIONS, all_families
-from .base import MoeTarget
+from ..errors import RecipeError
+from ..families import all_families
+from ..modeling import AUTO_MAP, remote_code_sources
+from ..modeling.configuration_upcycle_moe import UpcycleMoeConfig
+from .base import BundledTarget, CustomLayout, slice_tensor
 
 _TEXT_CONFIG_SKIP = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
 _NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -33,72 +33,36 @@ def _mlp_prefix(plan, layer: int) -> str:
     return f"{plan.family.layer_prefix.format(i=layer)}{plan.family.mlp_module}."
 
 
-def _slice_maker(plan, layer: int, proj: str, kind: str, sl, dtype: torch.dtype, zero: bool = False
-                 ) -> Callable[[Any], torch.Tensor]:
-    """Make one expert tensor from the dense FFN: its neurons, Drop-Upcycling/noise redraws and the down
-    scale (weights only; biases are sliced, never redrawn or scaled), in nn.Linear orientation."""
-    from ..plan import _redraw
-
-    family = plan.family
-
-    def make(cache) -> torch.Tensor:
-        dense = family.ffn_matrix(lambda key: cache.get(sl.key(key), torch.float32), layer, proj, kind)
-        if zero:
-            return torch.zeros(dense.shape, dtype=dtype)
-        dim = 1 if proj == "down" and kind == "weight" else 0
-        keep_all = sl.neurons is None or (proj == "down" and kind == "bias")
-        tensor = dense if keep_all else dense.index_select(dim, sl.neurons)
-        if kind == "weight" and (sl.reinit is not None or sl.noise_std):
-            tensor = _redraw(tensor, dense, dim, sl, PROJECTIONS.index(proj))
-        if proj == "down" and kind == "weight" and sl.down_scale != 1.0:
-            tensor = tensor * sl.down_scale
-        return tensor.to(dtype).contiguous()
-
-    return make
-
-
-def _shape(plan, proj: str, kind: str, width: int) -> tuple[int, ...]:
-    if kind == "bias":
-        return (plan.hidden_size,) if proj == "down" else (width,)
-    return (plan.hidden_size, width) if proj == "down" else (width, plan.hidden_size)
-
-
-def _expert_tensors(plan, layer: int, infos, dtype, name: str, sl, down_bias: bool, expert_of) -> list:
-    from ..io.safetensors_format import TensorSpec
-    from ..plan import OutTensor
-
+def _expert_tensors(plan, layer: int, infos, name: str, sl, down_bias: bool, expert_of) -> list:
+    """One expert's weights and biases in nn.Linear orientation; the down bias is zero unless ``down_bias``."""
     out = []
-    width = sl.width(plan.dense_size)
     for proj in plan.family.mlp:
         for kind in ("weight", "bias"):
-            key = plan.family.mlp_key(layer, proj, kind)
-            if key not in infos:
+            if plan.family.mlp_key(layer, proj, kind) not in infos:
                 continue
             zero = kind == "bias" and proj == "down" and not down_bias
-            spec = TensorSpec(f"{name}.{_NAMES[proj]}.{kind}", _shape(plan, proj, kind, width), dtype)
-            out.append(OutTensor(spec, key, _slice_maker(plan, layer, proj, kind, sl, dtype, zero), expert_of=expert_of))
+            out.append(slice_tensor(plan, f"{name}.{_NAMES[proj]}.{kind}", layer, proj, sl, kind=kind, zero=zero,
+                                    expert_of=expert_of))
     return out
 
 
-def layer_tensors(plan, layer: int, infos, dtype: torch.dtype, data=None) -> list:
-    """Router, routed experts and the optional shared expert of one MoE layer, projection by projection.
+def router_name(plan, layer: int) -> str:
+    return _mlp_prefix(plan, layer) + "router.weight"
+
+
+def expert_tensors(plan, layer: int, infos) -> list:
+    """Routed experts and the optional shared expert of one MoE layer, projection by projection.
 
     The dense down-projection bias goes to every routed expert (their weights sum to one), and to the
     shared expert only when there are no routed experts to carry it.
     """
-    from ..io.safetensors_format import TensorSpec
-    from ..plan import OutTensor, _router_maker
-
     prefix, experts = _mlp_prefix(plan, layer), plan.layers[layer]
-    out = [OutTensor(TensorSpec(prefix + "router.weight", (len(experts.experts), plan.hidden_size), dtype), None,
-                     _router_maker(plan, layer, data, dtype))]
-    routed = [_expert_tensors(plan, layer, infos, dtype, f"{prefix}experts.{e}", sl, True, layer)
+    routed = [_expert_tensors(plan, layer, infos, f"{prefix}experts.{e}", sl, True, layer)
               for e, sl in enumerate(experts.experts)]
     # interleave by projection so each dense matrix is read once for all experts (the cache holds a few)
-    for index in range(len(routed[0]) if routed else 0):
-        out.extend(tensors[index] for tensors in routed)
+    out = [tensors[index] for index in range(len(routed[0]) if routed else 0) for tensors in routed]
     if experts.shared is not None:
-        out.extend(_expert_tensors(plan, layer, infos, dtype, prefix + "shared_experts", experts.shared,
+        out.extend(_expert_tensors(plan, layer, infos, prefix + "shared_experts", experts.shared,
                                    not experts.experts, None))
     return out
 
@@ -106,17 +70,12 @@ def layer_tensors(plan, layer: int, infos, dtype: torch.dtype, data=None) -> lis
 def _shared_width(plan) -> int:
     widths = {l.shared.width(plan.dense_size) for l in plan.layers.values() if l.shared is not None}
     if len(widths) > 1:
-        from ..errors import RecipeError
-
         raise RecipeError(f"the upcycle target needs one shared-expert width, got {sorted(widths)}")
     return widths.pop() if widths else 0
 
 
 def make_config(plan):
     """``UpcycleMoeConfig`` around the dense config."""
-    from ..modeling import AUTO_MAP
-    from ..modeling.configuration_upcycle_moe import UpcycleMoeConfig
-
     dense = {k: v for k, v in plan.dense_config.items() if k not in _TEXT_CONFIG_SKIP}
     biased = any(t.spec.name.endswith(".bias") and ".experts." in t.spec.name for t in plan.tensors)
     dropout_key = plan.family.mlp_dropout_key
@@ -145,30 +104,22 @@ def make_config(plan):
 
 def copy_remote_code(folder: Path, plan) -> list[str]:
     """Copy the self-contained configuration and modeling files next to the weights."""
-    from ..modeling import remote_code_sources
-
     for name, source in remote_code_sources().items():
         shutil.copyfile(source, Path(folder) / name)
     return list(remote_code_sources())
 
 
-TARGET = MoeTarget(
+TARGET = BundledTarget(
     name="upcycle",
-    model_type="upcycle_moe",
     config_class="UpcycleMoeConfig",
     families=tuple(all_families()),
-    native=False,
-    keeps_fused=True,
-    router_key="<mlp>.router.weight",
-    expert_key="<mlp>.experts.{e}.{proj}.weight",
-    proj_names=dict(_NAMES),
+    layout=CustomLayout("<mlp>.router.weight", router_name, expert_tensors,
+                        summary="`<mlp>.experts.E.{gate_proj,up_proj,down_proj}.weight`"),
     moe_config=lambda plan: {},
     supports_layer_subset=True,
-    supports_mlp_bias=True,
     shared_expert_scale=1.0,  # the shared expert is added ungated
-    layer_tensors=layer_tensors,
-    make_config=make_config,
-    extra_files=copy_remote_code,
+    build=make_config,
+    files=copy_remote_code,
     description="UpcycleMoeForCausalLM (bundled, loads with trust_remote_code or after `import upcycle`); "
                 "every dense family, MLP biases, non-gated MLPs, partial rotary",
 )

@@ -1,65 +1,19 @@
-"""Training data: text files, JSONL (``text`` or pre-tokenised ``input_ids``) or a folder of them,
-tokenised and packed into fixed-length sequences."""
+"""Training data: text files, JSONL (``text`` or pre-tokenised ``input_ids``) or a folder of them
+(read by :mod:`upcycle.textdata`), tokenised and packed into fixed-length sequences."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional
 
 from ..errors import DataError
-
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-Document = Union[str, list]  # raw text, or token ids already
-
-
-def data_files(path: str | Path) -> list[Path]:
-    """The files behind ``path``: the file itself, or every text/JSONL file under a folder (sorted)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
-        if not files:
-            raise DataError(f"{path}: no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files in this folder")
-        return files
-    raise DataError(f"data not found: {path}; pass a text file, a JSONL file or a folder of them")
-
-
-def _jsonl_documents(file: Path) -> Iterator[Document]:
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-            if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
-                yield [int(t) for t in record["input_ids"]]
-            elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield record["text"]
-            else:
-                raise DataError(f"{file}:{number}: each JSONL record needs a 'text' string or an 'input_ids' list")
-
-
-def read_documents(path: str | Path) -> Iterator[Document]:
-    """Yield documents: one per text file, one per JSONL record."""
-    for file in data_files(path):
-        if file.suffix.lower() in JSONL_SUFFIXES:
-            yield from _jsonl_documents(file)
-        else:
-            text = file.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
-                yield text
+from ..textdata import read_documents
 
 
 def tokenise(path: str | Path, tokenizer: Any, eos_token_id: Optional[int]) -> list[int]:
     """All documents under ``path`` as one token stream, each document followed by EOS."""
     stream: list[int] = []
-    for doc in read_documents(path):
+    for doc in read_documents(path, "data", token_ids=True):
         if isinstance(doc, str):
             if tokenizer is None:
                 raise DataError(f"{path}: holds text but the model folder has no tokenizer; add one or "

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
+from ..checkpoint import expert_count, experts_per_token
 from ..errors import RecipeError, UnsupportedArchitectureError
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
 TRAIN_GROUPS = ("experts", "routers", "attention", "embeddings", "norms", "all")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _first(config: Any, keys: tuple[str, ...]) -> Any:
-    return next((getattr(config, k) for k in keys if getattr(config, k, None)), None)
-
-
 def moe_shape(config: Any, path: str = "model") -> tuple[int, int]:
     """``(num_experts, top_k)`` of an MoE config; a dense config is refused with the fix."""
-    experts, top_k = _first(config, EXPERT_COUNT_KEYS), _first(config, TOP_K_KEYS)
+    experts, top_k = expert_count(config), experts_per_token(config)
     if not experts or experts < 2 or not top_k:
         raise UnsupportedArchitectureError(
             f"{path} is a dense model ({getattr(config, 'model_type', '?')}), not a Mixture-of-Experts; "
             f"run `upcycle convert {path} MOE_FOLDER` first and train the MoE")
     return int(experts), int(top_k)
+
+
+def load_moe_config(path: Path) -> tuple[Any, int, int]:
+    """The transformers config of the MoE folder ``path``, its expert count and top-k (a dense model refused)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return (config, *moe_shape(config, str(path)))
 
 
 def text_attr(config: Any, name: str) -> Any:

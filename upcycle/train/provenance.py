@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-RECIPE_FILE = "upcycle_recipe.json"
-CARD_FILE = "README.md"
+from ..checkpoint import CARD_FILE, RECIPE_FILE, read_recipe, write_recipe
 
 
 def record_training(source: Path, output: Path, run: dict[str, Any]) -> None:
@@ -17,15 +15,14 @@ def record_training(source: Path, output: Path, run: dict[str, Any]) -> None:
     ``upcycle.exact`` becomes false (the conversion's claim is kept as ``exact_at_conversion``).
     """
     source, output = Path(source), Path(output)
-    recipe_path = source / RECIPE_FILE
-    if recipe_path.is_file():
-        recipe = json.loads(recipe_path.read_text())
+    recipe = read_recipe(source)
+    if recipe is not None:
         provenance = recipe.setdefault("upcycle", {})
         provenance["training"] = list(provenance.get("training", [])) + [run]
         # trained weights no longer compute the dense model's function: verify must not expect equality
         provenance.setdefault("exact_at_conversion", provenance.get("exact"))
         provenance["exact"] = False
-        (output / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+        write_recipe(output, recipe)
         number = len(provenance["training"])
     else:
         number = 1
@@ -71,4 +68,4 @@ def training_paragraph(run: dict[str, Any], number: int) -> str:
             f"load-balancing loss coefficient {run['aux_loss_coef']}, router z-loss coefficient "
             f"{run['z_loss_coef']}, trained parameters: {run['train']}{lora}. Final training loss "
             f"(language model + router terms) {loss}."
-            f"{balance} The run is recorded under `upcycle.training` in `upcycle_recipe.json`.")
+            f"{balance} The run is recorded under `upcycle.training` in `{RECIPE_FILE}`.")

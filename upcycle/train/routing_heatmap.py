@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import SourceNotFoundError
+from ..checkpoint import model_folder
 
 
 def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512, max_tokens: int = 65536,
@@ -16,20 +16,18 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     ``max_tokens``.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from ..tokenizer import load_tokenizer
     from .data import PackedDataset, tokenise, vocab_check
-    from .moe_model import moe_shape, router_layers, text_attr
+    from .moe_model import load_moe_config, router_layers, text_attr
     from .monitor import assignment_counts, load_stats
-    from .run import _load_tokenizer, eos_id
+    from .run import eos_id
     from .trainer import router_logits_of
 
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_path)
-    num_experts, top_k = moe_shape(config, str(model_path))
-    tokenizer = _load_tokenizer(model_path)
+    model_path = model_folder(model_path)
+    config, num_experts, top_k = load_moe_config(model_path)
+    tokenizer = load_tokenizer(model_path)
     stream = tokenise(data, tokenizer, eos_id(tokenizer, config))[:max_tokens]
     seq_len = min(seq_len, len(stream), text_attr(config, "max_position_embeddings") or seq_len)
     dataset = PackedDataset(stream, seq_len, str(data))

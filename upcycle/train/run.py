@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
 
 CHECKPOINTS = "checkpoints"
@@ -63,7 +64,6 @@ class TrainResult:
 
     output: Path
     steps: int
-    final_loss: Optional[float]
     losses: list[float]
     expert_load: Optional[dict[str, Any]]
     run: dict[str, Any]
@@ -96,15 +96,6 @@ def eos_id(tokenizer: Any, config: Any) -> Optional[int]:
     return eos[0] if isinstance(eos, list) else eos
 
 
-def _load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def _apply_lora(model: Any, options: TrainOptions) -> Any:
     """Wrap the model with LoRA adapters (peft ``all-linear``: attention, routers and fused experts)."""
     try:
@@ -123,27 +114,25 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     Checkpoints go to ``output/checkpoints``; the final model, tokenizer, updated recipe and card to
     ``output``. Works under ``torchrun`` and ``accelerate launch`` (one call per process).
     """
-    from transformers import AutoConfig, default_data_collator
+    from transformers import default_data_collator
 
+    from ..tokenizer import load_tokenizer
     from .data import load_packed
-    from .moe_model import check_seq_len, moe_shape, parse_train_groups, text_attr
+    from .moe_model import check_seq_len, load_moe_config, parse_train_groups, text_attr
     from .monitor import ExpertLoadCallback
     from .provenance import copy_code_files, record_training
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
-    model_path, output = Path(model_path), Path(output)
-    if not (model_path / "config.json").is_file():
-        raise SourceNotFoundError(f"{model_path}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_path)
-    num_experts, top_k = moe_shape(config, str(model_path))
+    model_path, output = model_folder(model_path), Path(output)
+    config, num_experts, top_k = load_moe_config(model_path)
     check_seq_len(config, options.seq_len)
     groups = parse_train_groups(options.train)
     resume_from = _resume_checkpoint(output, options)
     aux_coef = options.aux_loss_coef if options.aux_loss_coef is not None else \
         float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     dataset = load_packed(data, tokenizer, options.seq_len, eos_id(tokenizer, config), text_attr(config, "vocab_size"))
 
     model, layers, restore = _prepare_model(model_path, options, groups, num_experts)
@@ -169,13 +158,13 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
         "lora": {"r": options.lora_r, "alpha": options.lora_alpha} if options.lora else None,
         "bf16": options.bf16, "seed": options.seed, "final_loss": losses[-1] if losses else result.training_loss,
         "train_loss": result.training_loss, "expert_load": _load_brief((monitor.summary or {}).get("last_window")),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if args.should_save:
         record_training(model_path, output, run)
         copy_code_files(model_path, output)
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(output, trainer.state.global_step, run["final_loss"], losses, monitor.summary, run)
+    return TrainResult(output, trainer.state.global_step, losses, monitor.summary, run)
 
 
 def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], num_experts: int):
@@ -248,15 +237,6 @@ def _dtype_of(config: Any) -> Any:
 
     dtype = getattr(config, "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    from .. import __version__
-
-    return {"upcycle": __version__, "transformers": importlib.metadata.version("transformers"),
-            "torch": importlib.metadata.version("torch")}
 
 
 def _has_accelerator() -> bool:

@@ -52,8 +52,9 @@ class UpcycleTrainer(Trainer):
         inputs = {**inputs, "output_router_logits": True, "use_cache": False}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         router_logits = router_logits_of(outputs)
-        aux = load_balancing_loss(router_logits, self.top_k, self.router_type)
-        z = router_z_loss(router_logits)
+        mask = inputs.get("attention_mask")  # padding, when the data has any, is left out of both
+        aux = load_balancing_loss(router_logits, self.top_k, self.router_type, mask)
+        z = router_z_loss(router_logits, mask)
         extra = self.aux_loss_coef * aux + self.z_loss_coef * z
         if model.training:
             if self._scaled_for_ga(num_items_in_batch):
