@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -77,7 +76,9 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
     the routing specificity of the prompts, before the output is moved into place.
     """
     from ..io.atomic import atomic_folder, check_output
+    from .fidelity import measure_fidelity
     from .planning import plan_merge, summary as merge_summary
+    from .record import write_model_files, write_record
 
     cfg = _with_overrides(config, overrides)
     output = Path(output)
@@ -101,9 +102,9 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
 
     with atomic_folder(output, force) as tmp:
         files = _write_weights(tmp, plan, merged, quiet)
-        files += _write_model_files(tmp, plan, merged, base_config)
-        verification = _verify(tmp, cfg, merged, ids, plan, summary, verify, quiet)
-        files += _write_record(tmp, plan, cfg, merged, summary, verification, push_to_hub)
+        files += write_model_files(tmp, plan, merged, base_config)
+        verification = measure_fidelity(tmp, cfg, merged, ids, plan, summary, verify, quiet)
+        files += write_record(tmp, plan, cfg, merged, summary, verification, push_to_hub)
     result = MergeResult(output, summary, cfg, sorted(files), verification=verification)
     if push_to_hub:
         from ..convert import _push
@@ -133,144 +134,3 @@ def _with_routers(plan, cfg, merged, base_config):
         key = embedding_key(plan.dense_config, merged.infos, plan.hidden_size)
         rows = embed_rows(cfg, merged.read, key, layers, tokenizer)
     return with_router_rows(plan, rows)
-
-
-def _dense_spec(source) -> str:
-    return str(source.folder) if source.repo_id else source.spec
-
-
-def _verify(folder: Path, cfg, merged, ids: dict[str, str], plan, summary: dict[str, Any], verify: Optional[bool],
-            quiet: bool) -> dict[str, Any]:
-    """Fidelity per source (every token sent to its expert) and routing specificity, measured on ``folder``.
-
-    Exact claims are checked: a source that differs from the base only in its FFN must be reproduced
-    (else :class:`VerificationError`, nothing written).
-    """
-    import torch
-
-    from ..convert import _free_memory
-    from ..errors import VerificationError
-    from ..verify import verify as run_verify
-    from .compare import compare_sources
-
-    if verify is False:
-        return {"skipped": "disabled with --no-verify"}
-    need, free = summary["total_params"] * 4, _free_memory()
-    if verify is None and free is not None and need > free // 2:
-        return {"skipped": f"the MoE needs ~{need / 1e9:.1f} GB of RAM at float32, {free / 1e9:.1f} GB free; "
-                           "pass --verify to force it"}
-    matches = compare_sources(merged)
-    plain = all(e.residual_scale == 1.0 and not e.noise_std for e in cfg.experts) and cfg.shared_expert is None
-    forced_exact = [plain and matches[ids[e.source]].shared_equal and plan.target.renormalises_top_k
-                    for e in cfg.experts]
-    identical = plain and all(m.shared_equal and m.ffn_equal for m in matches.values())
-    summary["exact"] = identical
-    _write_provenance(folder, plan, cfg, summary, {"forced_exact": forced_exact})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # fixed reduction order: the same numbers on every run
-    results: dict[str, Any] = {"sources": []}
-    try:
-        if identical:
-            report = run_verify(_dense_spec(merged.base), folder, max_new_tokens=0, quiet=quiet)
-            results["base"] = {k: float(f"{v:.3g}") if isinstance(v, float) else v
-                               for k, v in report.to_dict().items() if k != "per_prompt"}
-            if not report.passed:
-                raise VerificationError(f"identical sources should give the base exactly, but the logits differ by "
-                                        f"{report.max_abs_logit_diff:.3g}; nothing was written. This is a bug in "
-                                        "upcycle: please report it with the config")
-        seen: set[str] = set()
-        for index, expert in enumerate(cfg.experts):
-            if expert.source in seen:
-                continue
-            seen.add(expert.source)
-            source = merged.sources[ids[expert.source]]
-            report = run_verify(_dense_spec(source), folder, max_new_tokens=0, quiet=quiet, force_expert=index)
-            results["sources"].append({"source": expert.source, "expert": index,
-                                       "max_abs_logit_diff": float(f"{report.max_abs_logit_diff:.3g}"),
-                                       "mean_kl": float(f"{report.mean_kl:.3g}"), "exact_expected": forced_exact[index]})
-            if forced_exact[index] and not report.passed:
-                raise VerificationError(f"{expert.source} differs from the base only in its FFN, yet with every token "
-                                        f"sent to expert {index} the logits differ by {report.max_abs_logit_diff:.3g};"
-                                        " nothing was written. This is a bug in upcycle: please report it")
-        if all(e.prompts for e in cfg.experts):
-            from .specificity import routing_specificity
-
-            spec = routing_specificity(folder, [e.prompts for e in cfg.experts])
-            results["specificity"] = {k: spec[k] for k in ("mean_top1", "mean_topk", "chance_top1", "top1")}
-    finally:
-        torch.set_num_threads(threads)
-    return results
-
-
-def _write_provenance(folder: Path, plan, cfg, summary: dict[str, Any], extra: dict[str, Any]) -> None:
-    from ..checkpoint import library_versions, write_recipe
-
-    provenance = {"source": cfg.base, "versions": library_versions(), **summary, "merge": {**cfg.to_dict(), **extra}}
-    # flat keys say what was done (method merge, the merge's router init): `inspect` reads them
-    write_recipe(folder, {**plan.recipe.to_dict(), "method": "merge", "router_init": cfg.router_init}, provenance)
-
-
-def _write_model_files(folder: Path, plan, merged, base_config) -> list[str]:
-    """config.json (and remote code), the base's generation config and tokenizer."""
-    from ..checkpoint import CONFIG_FILE
-
-    plan.target.build_config(plan).save_pretrained(folder)
-    written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
-    merged.generation_config(base_config).save_pretrained(folder)
-    written.append("generation_config.json")
-    return written + merged.save_tokenizer(folder)
-
-
-def _write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], verification: dict[str, Any],
-                  repo_id: Optional[str]) -> list[str]:
-    """upcycle_recipe.json (the merge config under ``upcycle.merge``) and the model card listing every source."""
-    from ..card import render_card, repo_id_from_cache_path, source_license
-    from ..checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE, provenance_of, read_recipe
-
-    forced = provenance_of(read_recipe(folder)).get("merge", {}).get("forced_exact")
-    _write_provenance(folder, plan, cfg, {**summary, "verification": verification},
-                      {"forced_exact": forced} if forced is not None else {})
-    sources = [merged.base, *[s for s in merged.sources.values() if s is not merged.base]]
-    # Hub ids only (a local folder has none, as in `convert`); every source is listed in the Experts section
-    names = [n for n in (s.repo_id or repo_id_from_cache_path(s.folder) for s in sources) if n]
-    remote = bool(json.loads((folder / CONFIG_FILE).read_text()).get("auto_map"))
-    table = {"base_model": cfg.base, "shared_weights": cfg.shared_weights, "router_init": cfg.router_init,
-             "top_k": cfg.top_k, "experts": [e.source for e in cfg.experts], "target": plan.target.name,
-             "dtype": plan.dtype_name, "seed": cfg.seed}
-    card = render_card(summary, table, list(dict.fromkeys(names)) or None, verification=_card_verification(verification),
-                       license_info=source_license(merged.base.folder), remote_code=remote, repo_id=repo_id,
-                       reproduce="`upcycle_recipe.json` in this repository records the merge config (under "
-                                 "`upcycle.merge`), the sources and the library versions; `upcycle merge` with "
-                                 "that config reproduces the model.")
-    card.text += _card_merge_section(cfg, verification)
-    card.save(folder / CARD_FILE)
-    return [RECIPE_FILE, CARD_FILE]
-
-
-def _card_merge_section(cfg, verification: dict[str, Any]) -> str:
-    """The card's list of experts (source, prompts) and, when measured, routing specificity."""
-    rows = "\n".join(f"| {i} | `{e.source}` | {len(e.prompts)} |" for i, e in enumerate(cfg.experts))
-    text = (f"\n## Experts\n\nMerged with `upcycle merge` ({cfg.format} config): shared weights from "
-            f"`{cfg.shared_weights}`, routers initialised `{cfg.router_init}`.\n\n| expert | source | prompts |\n"
-            f"|---|---|---|\n{rows}\n")
-    if cfg.shared_expert is not None:
-        text += f"\nAlways-on shared expert: `{cfg.shared_expert.source}`.\n"
-    spec = verification.get("specificity")
-    if spec:
-        text += (f"\nRouting specificity at conversion time: {spec['mean_top1']:.2f} of each expert's prompt tokens "
-                 f"go to that expert first (mean over layers; chance {spec['chance_top1']:.2f}).\n")
-    return text
-
-
-def _card_verification(verification: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The card's verification line: skipped, the base comparison (identical sources), or per-source results."""
-    from ..card import REPO_PLACEHOLDER as REPO
-
-    if "skipped" in verification:
-        return verification
-    if "base" in verification:
-        return {**verification["base"], "dense_rounded_to": verification["base"].get("weights_dtype")}
-    rows = "; ".join(f"{r['source']} {r['max_abs_logit_diff']:.3g}" + (" (exact)" if r["exact_expected"] else "")
-                     for r in verification["sources"])
-    return {"text": f"measured at conversion time with every token sent to each source's expert, max |Δlogit| vs "
-                    f"that source at float32: {rows}; check with `upcycle verify SOURCE {REPO} --force-expert E`"}
