@@ -203,7 +203,8 @@ def main() -> None:
         out = args.work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
         if name == "mergekit":
-            command = [str(args.mergekit_venv / "bin" / "mergekit-moe"), str(config), str(out), "--device", "cpu", "--quiet"]
+            command = [str(args.mergekit_venv / "bin" / "mergekit-moe"), str(config), str(out), "--device", "cpu",
+                       "--quiet"]
         else:
             command = [sys.executable, "-m", "upcycle", "merge", str(config), str(out), "--no-verify", "-q"]
         results[name] = {**timed(command, args.work / f"{name}.log"), **measure(out, sources)}

@@ -48,7 +48,8 @@ def test_ffn_fine_tunes_are_reproduced_per_expert(llama, tmp_path):
     # the experts really are the sources' FFNs (byte copies) and the rest is the base
     out = load_file(tmp_path / "moe" / "model.safetensors")
     a, base = load_file(llama["a"] / "model.safetensors"), load_file(llama["base"] / "model.safetensors")
-    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.0.w1.weight"], a["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.0.w1.weight"],
+                       a["model.layers.1.mlp.gate_proj.weight"])
     assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(a["model.layers.1.mlp.gate_proj.weight"], base["model.layers.1.mlp.gate_proj.weight"])
     sp = result.verification["specificity"]
@@ -226,7 +227,8 @@ def test_mergekit_shared_expert_maps_to_qwen2_moe(tmp_path):
 
 
 def test_shared_expert_on_llama_goes_to_the_bundled_model(llama, tmp_path):
-    cfg = config(llama["base"], [llama["a"], llama["b"]], router_init="zeros", shared_expert={"source": str(llama["attn"])})
+    cfg = config(llama["base"], [llama["a"], llama["b"]], router_init="zeros",
+                 shared_expert={"source": str(llama["attn"])})
     assert _merge(cfg, tmp_path / "moe", dry_run=True).summary["target"] == "upcycle"
     with pytest.raises(UnsupportedArchitectureError, match="mixtral has no shared expert"):
         _merge({**cfg, "target": "mixtral"}, tmp_path / "moe", dry_run=True)

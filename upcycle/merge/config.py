@@ -164,7 +164,8 @@ def parse_config(data: dict[str, Any]) -> MergeConfig:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
-        raise RecipeError(f"unknown merge config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(TOP_KEYS))}")
+        raise RecipeError(f"unknown merge config key(s): {', '.join(unknown)}; "
+                          f"known keys: {', '.join(sorted(TOP_KEYS))}")
     experts = data.pop("experts", None)
     if not isinstance(experts, list) or not experts:
         raise RecipeError("experts: list at least one expert (each with a 'source')")

@@ -63,7 +63,8 @@ def measure_fidelity(folder: Path, cfg, merged, ids: dict[str, str], plan, summa
             report = run_verify(_dense_spec(source), folder, max_new_tokens=0, quiet=quiet, force_expert=index)
             results["sources"].append({"source": expert.source, "expert": index,
                                        "max_abs_logit_diff": float(f"{report.max_abs_logit_diff:.3g}"),
-                                       "mean_kl": float(f"{report.mean_kl:.3g}"), "exact_expected": forced_exact[index]})
+                                       "mean_kl": float(f"{report.mean_kl:.3g}"),
+                                       "exact_expected": forced_exact[index]})
             if forced_exact[index] and not report.passed:
                 raise VerificationError(f"{expert.source} differs from the base only in its FFN, yet with every token "
                                         f"sent to expert {index} the logits differ by {report.max_abs_logit_diff:.3g};"

@@ -47,7 +47,8 @@ def choose_merge_target(config: MergeConfig, family: Any, cfg: dict[str, Any], n
         return config.target
     reasons = []
     for target in auto_candidates(family):
-        why = target.explain(family.name, cfg) or target.explain_recipe(recipe, num_layers) or merge_reason(target, config)
+        why = (target.explain(family.name, cfg) or target.explain_recipe(recipe, num_layers)
+               or merge_reason(target, config))
         if why is None:
             return target.name
         reasons.append(why)

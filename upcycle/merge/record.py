@@ -44,7 +44,8 @@ def write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], verif
     table = {"base_model": cfg.base, "shared_weights": cfg.shared_weights, "router_init": cfg.router_init,
              "top_k": cfg.top_k, "experts": [e.source for e in cfg.experts], "target": plan.target.name,
              "dtype": plan.dtype_name, "seed": cfg.seed}
-    card = render_card(summary, table, list(dict.fromkeys(names)) or None, verification=_card_verification(verification),
+    card = render_card(summary, table, list(dict.fromkeys(names)) or None,
+                       verification=_card_verification(verification),
                        license_info=source_license(merged.base.folder), remote_code=remote, repo_id=repo_id,
                        reproduce="`upcycle_recipe.json` in this repository records the merge config (under "
                                  "`upcycle.merge`), the sources and the library versions; `upcycle merge` with "
