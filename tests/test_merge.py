@@ -284,6 +284,8 @@ def test_bad_configs(llama, tmp_path):
         ({"base_model": str(llama["base"]), "experts_per_token": 1, "tokenizer_source": "base",
           "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "tokenizer_source"),
         (config(llama["base"], [llama["a"], llama["b"]], router_init="domain"), "calibration"),
+        ({"base_model": str(llama["base"]), "architecture": "qwen", "experts_per_token": 1,
+          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "architecture (target qwen2_moe)"),
     ]
     for i, (cfg, fragment) in enumerate(cases):
         result = run_cli("merge", _write(tmp_path, cfg, f"bad{i}.yaml"), out, "-q")

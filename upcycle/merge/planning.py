@@ -74,8 +74,13 @@ def plan_merge(config: MergeConfig, base_config: Any, infos: dict[str, Any], ids
 
     cfg = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
     family = family_for_model_type(cfg.get("model_type", ""))
-    target = choose_merge_target(config, family, cfg, family.num_layers(cfg))
-    return make_plan(cfg, infos, recipe_for(config, target), layer_experts=expert_builder(config, ids))
+    try:
+        target = choose_merge_target(config, family, cfg, family.num_layers(cfg))
+        return make_plan(cfg, infos, recipe_for(config, target), layer_experts=expert_builder(config, ids))
+    except UnsupportedArchitectureError as exc:
+        if config.format == "mergekit" and config.target != "auto":  # the target came from `architecture`
+            raise UnsupportedArchitectureError(f"architecture (target {config.target}): {exc}") from None
+        raise
 
 
 def with_router_rows(plan: ConversionPlan, rows: dict[int, torch.Tensor]) -> ConversionPlan:
