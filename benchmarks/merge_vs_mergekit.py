@@ -183,21 +183,45 @@ def scaling(work: Path, base: Path, counts: tuple[int, ...] = (2, 6)) -> dict[st
     return out
 
 
+def router_inits(work: Path, config: Path, inits: tuple[str, ...] = ("embed", "normal")) -> dict[str, object]:
+    """Routing specificity of other router inits on the same config (upcycle only; ``hidden`` is above)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for init in inits:
+        own = work / f"router-{init}.yaml"
+        data = yaml.safe_load(config.read_text())
+        own.write_text(yaml.safe_dump({**data, "gate_mode": {"embed": "cheap_embed", "normal": "random"}[init]}))
+        target = work / f"out-router-{init}"
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "upcycle", "merge", str(own), str(target), "--no-verify", "-q"],
+                       check=True, capture_output=True)
+        from upcycle.merge.specificity import routing_specificity
+
+        spec = routing_specificity(target, [TOPICS[name][1] for name in TOPICS])
+        out[init] = {"held_out_mean_top1": round(spec["mean_top1"], 3), "chance_top1": round(spec["chance_top1"], 3)}
+        print(init, json.dumps(out[init]), flush=True)
+        shutil.rmtree(target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit-venv", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_merge.json")
     parser.add_argument("--scaling-only", action="store_true", help="Only the memory-vs-number-of-sources part.")
+    parser.add_argument("--routers-only", action="store_true", help="Only the other router inits' specificity.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base, sources = prepare(args.work)
-    if args.scaling_only:
-        result = scaling(args.work, base)
-        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        args.out.write_text(json.dumps({**previous, "scaling": result}, indent=2) + "\n")
-        return
     config = write_config(args.work, base, sources)
+    if args.scaling_only or args.routers_only:
+        key, result = (("scaling", scaling(args.work, base)) if args.scaling_only
+                       else ("router_inits", router_inits(args.work, config)))
+        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        args.out.write_text(json.dumps({**previous, key: result}, indent=2) + "\n")
+        return
     results: dict[str, object] = {"config": str(config)}
     for name in ("mergekit", "upcycle"):
         out = args.work / f"out-{name}"
