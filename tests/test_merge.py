@@ -12,7 +12,7 @@ import torch
 import yaml
 from checks import assert_clean_error, run_cli
 from factories import max_logit_diff, read_json
-from merge_factories import PROMPTS, config, fine_tune, make_base
+from merge_factories import PROMPTS, cache_repo, config, fine_tune, make_base
 from safetensors.torch import load_file
 
 import upcycle
@@ -232,6 +232,22 @@ def test_shared_expert_on_llama_goes_to_the_bundled_model(llama, tmp_path):
     assert _merge(cfg, tmp_path / "moe", dry_run=True).summary["target"] == "upcycle"
     with pytest.raises(UnsupportedArchitectureError, match="mixtral has no shared expert"):
         _merge({**cfg, "target": "mixtral"}, tmp_path / "moe", dry_run=True)
+
+
+def test_hub_sources_offline(llama, tmp_path, monkeypatch):
+    """Hub repo ids (here from an offline cache) as base and experts: the card lists their ids, verification
+    opens each downloaded snapshot."""
+    from huggingface_hub import constants
+
+    for name in ("base", "a", "b"):
+        cache_repo(tmp_path / "cache", f"org/{name}", llama[name])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = _merge({"base_model": "org/base", "top_k": 1, "experts": [
+        {"source": "org/a", "prompts": PROMPTS[0]}, {"source": "org/b", "prompts": PROMPTS[1]}]}, tmp_path / "moe")
+    assert all(row["exact_expected"] and row["max_abs_logit_diff"] <= 1e-4 for row in result.verification["sources"])
+    meta = yaml.safe_load((tmp_path / "moe" / "README.md").read_text().split("---")[1])
+    assert meta["base_model"] == ["org/base", "org/a", "org/b"] and meta["base_model_relation"] == "merge"
 
 
 def test_dry_run_reads_only_headers(llama, tmp_path, monkeypatch):
