@@ -205,6 +205,35 @@ def router_inits(work: Path, config: Path, inits: tuple[str, ...] = ("embed", "n
     return out
 
 
+def domain_router(work: Path, base: Path, sources: list[Path], tokens: int = 4096) -> dict[str, object]:
+    """``domain`` against ``hidden`` with two experts, code and prose: domain text is this repository's Python
+    sources and its Markdown docs (``tokens`` each); specificity on the held-out code and story prompts."""
+    import yaml
+
+    texts = {"code": sorted((ROOT / "upcycle").rglob("*.py")), "prose": sorted((ROOT / "docs").glob("*.md"))}
+    out: dict[str, object] = {}
+    for name, files in texts.items():
+        (work / f"domain-{name}.txt").write_text("\n\n".join(f.read_text() for f in files))
+    prompts = {"code": TOPICS["code"], "prose": TOPICS["story"]}
+    for init in ("domain", "hidden"):
+        config = work / f"domain-{init}.yaml"
+        experts = [{"source": str(src), "prompts": prompts[name][0], "calibration": str(work / f"domain-{name}.txt")}
+                   for src, name in zip(sources, texts)]
+        config.write_text(yaml.safe_dump({"base_model": str(base), "router_init": init, "top_k": 1,
+                                          "calibration_tokens": tokens, "experts": experts}))
+        target = work / f"out-domain-{init}"
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "upcycle", "merge", str(config), str(target), "--no-verify", "-q"],
+                       check=True, capture_output=True)
+        from upcycle.merge.specificity import routing_specificity
+
+        spec = routing_specificity(target, [prompts[name][1] for name in texts])
+        out[init] = {"held_out_mean_top1": round(spec["mean_top1"], 3), "chance_top1": round(spec["chance_top1"], 3)}
+        print(init, json.dumps(out[init]), flush=True)
+        shutil.rmtree(target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit-venv", type=Path, required=True)
@@ -212,13 +241,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_merge.json")
     parser.add_argument("--scaling-only", action="store_true", help="Only the memory-vs-number-of-sources part.")
     parser.add_argument("--routers-only", action="store_true", help="Only the other router inits' specificity.")
+    parser.add_argument("--domain-only", action="store_true", help="Only domain vs hidden routers (code/prose).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base, sources = prepare(args.work)
     config = write_config(args.work, base, sources)
-    if args.scaling_only or args.routers_only:
-        key, result = (("scaling", scaling(args.work, base)) if args.scaling_only
-                       else ("router_inits", router_inits(args.work, config)))
+    if args.scaling_only or args.routers_only or args.domain_only:
+        if args.scaling_only:
+            key, result = "scaling", scaling(args.work, base)
+        elif args.routers_only:
+            key, result = "router_inits", router_inits(args.work, config)
+        else:
+            key, result = "domain_router", domain_router(args.work, base, sources)
         previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
         args.out.write_text(json.dumps({**previous, key: result}, indent=2) + "\n")
         return
