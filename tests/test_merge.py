@@ -301,7 +301,8 @@ def test_bad_configs(llama, tmp_path):
           "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "tokenizer_source"),
         (config(llama["base"], [llama["a"], llama["b"]], router_init="domain"), "calibration"),
         ({"base_model": str(llama["base"]), "architecture": "qwen", "experts_per_token": 1,
-          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "architecture (target qwen2_moe)"),
+          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]},
+         "architecture (target qwen2_moe)"),
     ]
     for i, (cfg, fragment) in enumerate(cases):
         result = run_cli("merge", _write(tmp_path, cfg, f"bad{i}.yaml"), out, "-q")
@@ -313,5 +314,10 @@ def test_bad_config_error_types(llama, tmp_path):
         _merge(config(llama["base"], [tmp_path / "nope"], top_k=1), tmp_path / "o", dry_run=True)
     with pytest.raises(RecipeError, match="has no prompts"):
         load_config({"experts": [{"source": "x"}], "top_k": 1})
+    with pytest.raises(RecipeError, match="experts\\[1\\] \\(b\\) has no positive_prompts"):
+        load_config({"base_model": "a", "experts": [{"source_model": "a", "positive_prompts": ["x"]},
+                                                    {"source_model": "b"}]})
+    with pytest.raises(RecipeError, match="experts_per_token must be between 1 and the number of experts \\(1\\)"):
+        load_config({"base_model": "a", "experts": [{"source_model": "a", "positive_prompts": ["x"]}]})
     with pytest.raises(UnsupportedArchitectureError, match="'qwen2' model"):
         _merge(config(llama["base"], [make_base("qwen2", tmp_path / "q")], top_k=1), tmp_path / "o", dry_run=True)

@@ -110,10 +110,19 @@ def from_mergekit(data: dict[str, Any]) -> MergeConfig:
     shared_expert = _expert(shared[0], "shared_experts[0]", gate_mode) if shared else None
     if shared_expert is not None and (shared_expert.prompts or shared_expert.negative_prompts):
         notes.append("shared_experts[0]: prompts ignored: upcycle's shared expert is always on at full weight")
+    parsed = tuple(_expert(e, f"experts[{i}]", gate_mode) for i, e in enumerate(experts))
+    top_k = data.get("experts_per_token", 2)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(parsed):
+        raise RecipeError(f"experts_per_token must be between 1 and the number of experts ({len(parsed)}), "
+                          f"got {top_k!r}")
+    for index, expert in enumerate(parsed):
+        if router_init in ("hidden", "embed") and not expert.prompts:
+            raise RecipeError(f"experts[{index}] ({expert.source}) has no positive_prompts, and gate_mode {gate_mode} "
+                              "builds its gate from them: add positive_prompts, or use gate_mode random")
     config = MergeConfig(
-        experts=tuple(_expert(e, f"experts[{i}]", gate_mode) for i, e in enumerate(experts)),
+        experts=parsed,
         base_model=base, base_revision=base_revision, shared_weights="base",
-        top_k=data.get("experts_per_token", 2), router_init=router_init,
+        top_k=top_k, router_init=router_init,
         router_std=router_std if router_std is not None else MergeConfig.router_std,
         target=ARCHITECTURES.get(architecture, "auto"),
         dtype=DTYPES[str(dtype).removeprefix("torch.")] if dtype is not None else "auto",
