@@ -321,3 +321,14 @@ def test_bad_config_error_types(llama, tmp_path):
         load_config({"base_model": "a", "experts": [{"source_model": "a", "positive_prompts": ["x"]}]})
     with pytest.raises(UnsupportedArchitectureError, match="'qwen2' model"):
         _merge(config(llama["base"], [make_base("qwen2", tmp_path / "q")], top_k=1), tmp_path / "o", dry_run=True)
+
+
+def test_same_config_same_bytes(llama, tmp_path):
+    """A merge is reproducible: the same config and seed give byte-identical files."""
+    from checks import tree_hashes
+
+    cfg = config(llama["base"], [llama["a"], llama["b"]], router_init="hidden", seed=3,
+                 experts=[{"source": str(llama["a"]), "prompts": PROMPTS[0], "noise_std": 0.01},
+                          {"source": str(llama["b"]), "prompts": PROMPTS[1]}])
+    first, second = (tree_hashes(_merge(cfg, tmp_path / name, verify=False).output) for name in ("one", "two"))
+    assert first == second and "model.safetensors" in first
