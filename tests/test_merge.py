@@ -332,3 +332,15 @@ def test_same_config_same_bytes(llama, tmp_path):
                           {"source": str(llama["b"]), "prompts": PROMPTS[1]}])
     first, second = (tree_hashes(_merge(cfg, tmp_path / name, verify=False).output) for name in ("one", "two"))
     assert first == second and "model.safetensors" in first
+
+
+def test_gguf_sources(tmp_path):
+    """A .gguf file as base and experts (one file listed twice): identical sources give the base exactly."""
+    pytest.importorskip("gguf")
+    from test_gguf import write_tiny_llama_gguf
+
+    gguf = write_tiny_llama_gguf(tmp_path)
+    result = _merge({"base_model": str(gguf), "top_k": 1, "experts": [
+        {"source": str(gguf), "prompts": ["hello world"]}, {"source": str(gguf), "prompts": ["def f(x):"]}]},
+        tmp_path / "moe")
+    assert result.summary["exact"] is True and result.verification["base"]["max_abs_logit_diff"] <= 1e-5
