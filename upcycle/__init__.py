@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 from .version import __version__
 
-__all__ = ["Recipe", "convert", "verify", "inspect", "push", "ConversionResult", "VerifyReport", "UpcycleError",
-           "UpcycleMoeConfig", "UpcycleMoeForCausalLM"]
+__all__ = ["Recipe", "convert", "verify", "inspect", "push", "merge", "ConversionResult", "VerifyReport",
+           "MergeResult", "UpcycleError", "UpcycleMoeConfig", "UpcycleMoeForCausalLM"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConversionResult, convert
     from .errors import UpcycleError
     from .hub_push import push
     from .inspection import inspect
+    from .merge import MergeResult, merge
     from .modeling import UpcycleMoeConfig, UpcycleMoeForCausalLM
     from .recipe import Recipe
     from .verify import VerifyReport, verify
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {
     "Recipe": ".recipe", "convert": ".convert", "ConversionResult": ".convert", "verify": ".verify",
     "VerifyReport": ".verify", "inspect": ".inspection", "UpcycleError": ".errors", "push": ".hub_push",
-    "UpcycleMoeConfig": ".modeling", "UpcycleMoeForCausalLM": ".modeling",
+    "UpcycleMoeConfig": ".modeling", "UpcycleMoeForCausalLM": ".modeling", "merge": ".merge", "MergeResult": ".merge",
 }
 
 

@@ -16,6 +16,9 @@ from typing import Any, Optional, Sequence, Union
 from .checkpoint import CARD_FILE, RECIPE_FILE
 
 REPO_PLACEHOLDER = "THIS_REPO"
+#: the card's default "how to reproduce" paragraph (a merge passes its own)
+REPRODUCE = (f"`{RECIPE_FILE}` in this repository records the recipe, the source commit and the library\n"
+             f"versions; `upcycle convert SOURCE OUT --recipe {RECIPE_FILE}` reproduces the conversion.")
 LICENSE_KEYS = ("license", "license_name", "license_link")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}/?$")
 
@@ -101,6 +104,8 @@ def base_model_relation(base_model: Union[str, Sequence[str], None]) -> Optional
 
 def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> str:
     """The card's one-line verification result, as measured at conversion time."""
+    if verification and "text" in verification:  # already worded (e.g. a merge's per-source results)
+        return verification["text"]
     if not verification or "skipped" in verification:
         reason = f" ({verification['skipped']})" if verification else ""
         return (f"not run at conversion time{reason}; run `upcycle verify BASE_MODEL {REPO_PLACEHOLDER}` "
@@ -125,7 +130,7 @@ def verification_text(verification: Optional[dict[str, Any]], exact: bool) -> st
 
 def render_card(summary: dict[str, Any], recipe: dict[str, Any], base_model: Union[str, Sequence[str], None],
                 verification: Optional[dict[str, Any]] = None, *, license_info: Optional[dict[str, str]] = None,
-                remote_code: bool = False, repo_id: Optional[str] = None):
+                remote_code: bool = False, repo_id: Optional[str] = None, reproduce: Optional[str] = None):
     """Build a :class:`huggingface_hub.ModelCard`: Hub metadata, recipe table, parameters, measured
     verification, how to load it and how to fine-tune it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -169,8 +174,7 @@ This Mixture-of-Experts model was made with [upcycle](https://pypi.org/project/u
 |---|---|
 {rows}
 
-`{RECIPE_FILE}` in this repository records the recipe, the source commit and the library
-versions; `upcycle convert SOURCE OUT --recipe {RECIPE_FILE}` reproduces the conversion.
+{reproduce or REPRODUCE}
 
 ## Use
 

@@ -125,11 +125,12 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
 @click.option("--memory-budget", type=float,
               help="GB a whole model may take for greedy generation; above it the next-token predictions of the "
                    "prompts are compared instead.  [default: half the free memory]")
+@click.option("--force-expert", type=int, help="Send every token to this expert (compare a merge with its source).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_user_errors
 def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype: str, atol: float | None,
-           device: str, memory_budget: float | None, as_json: bool, quiet: bool) -> None:
+           device: str, memory_budget: float | None, force_expert: int | None, as_json: bool, quiet: bool) -> None:
     """Check that MOE computes what DENSE computed: max |Δlogit|, mean KL, greedy agreement, per layer.
 
     Both models run one decoder layer at a time, so any size fits. Exits 1 when any value is NaN or
@@ -142,7 +143,8 @@ def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype
     quiet_libraries(progress=not quiet)
     budget = int(memory_budget * 1e9) if memory_budget is not None else None
     report = run_verify(dense, moe, read_prompts(prompts) if prompts else None, max_new_tokens=max_new_tokens,
-                        dtype=dtype, atol=atol, device=device, quiet=quiet, generation_budget=budget)
+                        dtype=dtype, atol=atol, device=device, quiet=quiet, generation_budget=budget,
+                        force_expert=force_expert)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report_text(report))
     if not report.passed:
         sys.exit(1)
@@ -202,3 +204,6 @@ cli.add_command(_push_command)
 
 from .cli_train import train_cmd  # noqa: E402  (its own module; imports only click)
 cli.add_command(train_cmd)
+
+from .cli_merge import merge_cmd  # noqa: E402  (its own module; imports only click)
+cli.add_command(merge_cmd)

@@ -156,11 +156,13 @@ def _check_mlp_tensors(plan: ConversionPlan, infos: dict[str, TensorInfo]) -> No
 
 
 def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
-              data: Optional[Callable[[int], LayerData]] = None) -> ConversionPlan:
+              data: Optional[Callable[[int], LayerData]] = None,
+              layer_experts: Optional[Callable[[MethodContext], LayerExperts]] = None) -> ConversionPlan:
     """Resolve family, target, experts and every output tensor.
 
     Without ``data`` nothing but shapes is read (data-aware partitions take their shapes from the
     contiguous layout); with it, ``data(layer)`` gives the dense matrices and calibration statistics.
+    ``layer_experts`` replaces the recipe's expert method (``upcycle merge`` reads experts from other sources).
     """
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     family = family_for_model_type(cfg.get("model_type", ""))
@@ -179,11 +181,13 @@ def make_plan(config: Any, infos: dict[str, TensorInfo], recipe: Recipe,
         layer_data[layer] = data(layer) if data is not None else None
         ctx = MethodContext(layer, plan.dense_size, plan.hidden_size, recipe.num_experts, recipe.top_k,
                             layer_generator(recipe.seed, layer, 0), recipe.method_options, layer_data[layer])
-        experts = target.adjust_experts(plan, layer, method.build(ctx))
+        experts = target.adjust_experts(plan, layer, (layer_experts or method.build)(ctx))
         plan.layers[layer] = add_noise(experts, recipe.noise_std, layer_generator(recipe.seed, layer, 2))
     shared = recipe.option("shared_experts")
     if shared:
         plan.shared_size = plan.dense_size // recipe.option("granularity") * shared
+    elif any(l.shared is not None for l in plan.layers.values()):  # a shared expert from layer_experts
+        plan.shared_size = max(l.shared.width(plan.dense_size) for l in plan.layers.values() if l.shared is not None)
 
     out_dtype = plan.dtype
     tied = bool(cfg.get("tie_word_embeddings", False))

@@ -107,6 +107,48 @@ def _claims_exact(moe_path: Path) -> bool:
     return bool(provenance_of(read_recipe(moe_path)).get("exact", False))
 
 
+def _claims_forced_exact(moe_path: Path, expert: int) -> bool:
+    """True when the merge recorded that routing every token to ``expert`` reproduces its source exactly."""
+    forced = provenance_of(read_recipe(moe_path)).get("merge", {}).get("forced_exact") or []
+    return 0 <= expert < len(forced) and bool(forced[expert])
+
+
+def forced_expert_count(config: Any, expert: int) -> int:
+    """The MoE's expert count, after checking that every token may be sent to ``expert`` (renormalised top-k)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = next((getattr(text, k, None) or getattr(config, k, None) for k in
+                  ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                  if getattr(text, k, None) or getattr(config, k, None)), None)
+    if count is None or not 0 <= expert < count:
+        raise RecipeError(f"--force-expert {expert}: the MoE has {count or 'no'} experts")
+    if getattr(text, "norm_topk_prob", True) is False:
+        raise RecipeError("--force-expert needs renormalised top-k weights (norm_topk_prob=true)")
+    return count
+
+
+def copy_expert(module, expert: int, count: int) -> None:
+    """Make every routed expert inside ``module`` (a model or one decoder layer) a copy of ``expert``. Experts are
+    found as ``...experts.<e>...`` modules or as fused/packed ``[num_experts, ...]`` tensors (3-d)."""
+    import re
+
+    import torch
+
+    params = dict(module.named_parameters())
+    per_expert = re.compile(r"(^|\.)experts\.(\d+)\.")
+    with torch.no_grad():
+        for name, param in params.items():
+            if per_expert.search(name):
+                param.copy_(params[per_expert.sub(lambda m: f"{m.group(1)}experts.{expert}.", name, count=1)])
+            elif param.dim() == 3 and param.shape[0] == count:
+                param.copy_(param[expert].expand_as(param))
+
+
+def route_all_to_expert(model, expert: int) -> None:
+    """Make every routed expert of each MoE layer a copy of ``expert``: with renormalised top-k weights this is
+    the same as sending every token to ``expert`` alone, for any top-k."""
+    copy_expert(model, expert, forced_expert_count(model.config, expert))
+
+
 def _stored_dtype(moe_path: Path, default: str) -> str:
     """The dtype the MoE's weights are stored in, from its config."""
     config = json.loads((moe_path / CONFIG_FILE).read_text())
@@ -115,7 +157,7 @@ def _stored_dtype(moe_path: Path, default: str) -> str:
 
 
 def _generate(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, weights_dtype, dtype, device,
-              pad_token_id: Optional[int]) -> list[list[int]]:
+              pad_token_id: Optional[int], forced: Optional[int] = None) -> list[list[int]]:
     """Greedy continuations of every prompt with the whole model loaded; the model is freed before returning.
 
     Weights are first rounded to ``weights_dtype`` (the MoE's storage precision, so the dense model
@@ -125,6 +167,8 @@ def _generate(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, w
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=weights_dtype).to(device, dtype).eval()
+    if forced is not None:
+        route_all_to_expert(model, forced)
     generations = []
     with torch.no_grad():
         for ids in encoded:
@@ -226,7 +270,8 @@ def _compare_layers(dense, moe, encoded, atol: float, quiet: bool, groups: Optio
 
 def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = None, *, max_new_tokens: int = 16,
            dtype: str = "float32", atol: Optional[float] = None, device: str = "cpu", quiet: bool = False,
-           max_layers: Optional[int] = None, generation_budget: Optional[int] = None) -> VerifyReport:
+           max_layers: Optional[int] = None, generation_budget: Optional[int] = None,
+           force_expert: Optional[int] = None) -> VerifyReport:
     """Run the dense model and the MoE on the same prompts, one decoder layer at a time, and compare.
 
     Both models stream through :mod:`upcycle.runner` in one pass (memory: one layer plus the activations);
@@ -234,6 +279,9 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     ``generation_budget`` bytes (default: half the free memory of the device), else the next-token
     predictions of the prompts are compared (teacher forcing). ``passed`` is False when any value is
     non-finite, or when the MoE's recipe claims exactness and ``max_abs_logit_diff`` exceeds ``atol``.
+
+    ``force_expert`` sends every token to that expert (see :func:`route_all_to_expert`): compare a merge
+    with the source of that expert.
     """
     import torch
     import torch.nn.functional as F
@@ -267,8 +315,13 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     weights_dtype = _stored_dtype(moe_path, dtype)
     torch_weights = getattr(torch, weights_dtype)
     atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    forcing = None
+    if force_expert is not None:
+        count = forced_expert_count(moe_src.load_config(), force_expert)
+        forcing = lambda module: copy_expert(module, force_expert, count)  # noqa: E731
     streamed = [StreamedModel(src, device=torch_device, dtype=torch_dtype, weights_dtype=torch_weights,
-                              max_layers=max_layers) for src in (dense_src, moe_src)]
+                              max_layers=max_layers, on_load=hook)
+                for src, hook in ((dense_src, None), (moe_src, forcing))]
     groups = _split_groups(moe_path)
     per_layer, dense_logits, moe_logits = _compare_layers(*streamed, encoded, atol, quiet, groups)
     del streamed
@@ -281,7 +334,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
         dense_gen = _generate(dense_src.pretrained_kwargs(), encoded, max_new_tokens, torch_weights, torch_dtype,
                               torch_device, pad)
         moe_gen = _generate({"pretrained_model_name_or_path": str(moe_path)}, encoded, max_new_tokens,
-                            torch_weights, torch_dtype, torch_device, pad)
+                            torch_weights, torch_dtype, torch_device, pad, force_expert)
     else:
         comparison = "teacher-forced next tokens"
         dense_gen = [a.argmax(-1).tolist() for a in dense_logits]
@@ -299,7 +352,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
         bool(torch.isfinite(x).all()) for x in dense_logits + moe_logits)
     diffs = torch.tensor([p["max_abs_logit_diff"] for p in per_prompt])
     max_diff = float(diffs.max()) if finite else float("nan")  # torch's max keeps NaN, Python's drops it
-    exact_expected = _claims_exact(moe_path)
+    exact_expected = _claims_exact(moe_path) if force_expert is None else _claims_forced_exact(moe_path, force_expert)
     broken = next((layer["layer"] for layer in per_layer if layer["broken"]), None)
     return VerifyReport(
         max_abs_logit_diff=max_diff,

@@ -89,17 +89,19 @@ class StreamedModel:
 
     ``source`` reads the checkpoint (any dense source, or an MoE output folder via ``open_folder``);
     ``weights_dtype`` rounds every tensor first (the storage precision of the model compared against);
-    ``max_layers`` (or ``UPCYCLE_MAX_RESIDENT_LAYERS``) is the most layers held at once.
+    ``max_layers`` (or ``UPCYCLE_MAX_RESIDENT_LAYERS``) is the most layers held at once; ``on_load(layer)``
+    may edit each decoder layer once its weights are in (``verify --force-expert``).
     """
 
     def __init__(self, source: DenseSource, *, device: torch.device, dtype: torch.dtype,
                  weights_dtype: Optional[torch.dtype] = None, max_layers: Optional[int] = None,
-                 config: Any = None):
+                 config: Any = None, on_load: Optional[Callable[[nn.Module], None]] = None):
         limit_heap_growth()
         self.source = source
         self.device, self.dtype = device, dtype
         self.config = config if config is not None else source.load_config()
         self.max_layers = layer_cap(max_layers)
+        self.on_load = on_load
         self.model = build_skeleton(self.config, dtype)
         self.num_layers = _num_layers(self.config)
         self.layers_path, self.layers = decoder_layers(self.model, self.num_layers)
@@ -193,6 +195,8 @@ class StreamedModel:
         module = self.layers[index]
         self.weights.load(self.weights.keys_under([f"{self.layers_path}.{index}."]))
         move_buffers(module, self.device)
+        if self.on_load is not None:
+            self.on_load(module)
         self.resident.add(index)
         self.peak_resident = max(self.peak_resident, len(self.resident))
         try:

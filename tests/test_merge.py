@@ -1,0 +1,346 @@
+"""``upcycle merge``: experts from tiny fine-tunes of one base, own and mergekit-moe configs, every router
+init, the targets that can hold a merge, the exactness cases and bad configs (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from checks import assert_clean_error, run_cli
+from factories import max_logit_diff, read_json
+from merge_factories import PROMPTS, cache_repo, config, fine_tune, make_base
+from safetensors.torch import load_file
+
+import upcycle
+from upcycle.errors import RecipeError, SourceNotFoundError, UnsupportedArchitectureError
+from upcycle.merge import load_config
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A llama base, two FFN fine-tunes, one attention fine-tune and a byte-identical copy of the base."""
+    root = tmp_path_factory.mktemp("merge")
+    base = make_base("llama", root / "base")
+    return {"root": root, "base": base, "a": fine_tune(base, root / "a", 1), "b": fine_tune(base, root / "b", 2),
+            "attn": fine_tune(base, root / "attn", 3, part="self_attn"),
+            "copy": fine_tune(base, root / "copy", 4, scale=0.0)}
+
+
+def _merge(cfg: dict, out: Path, **kw):
+    return upcycle.merge(cfg, out, quiet=True, **kw)
+
+
+def _forced(result) -> dict[int, dict]:
+    return {row["expert"]: row for row in result.verification["sources"]}
+
+
+def test_ffn_fine_tunes_are_reproduced_per_expert(llama, tmp_path):
+    result = _merge(config(llama["base"], [llama["a"], llama["b"]], top_k=2), tmp_path / "moe")
+    s = result.summary
+    assert (s["target"], s["architecture"], s["num_experts"], s["top_k"]) == ("mixtral", "MixtralForCausalLM", 2, 2)
+    forced = _forced(result)
+    assert forced[0]["exact_expected"] and forced[1]["exact_expected"]
+    assert forced[0]["max_abs_logit_diff"] <= 1e-4 and forced[1]["max_abs_logit_diff"] <= 1e-4
+    # the experts really are the sources' FFNs (byte copies) and the rest is the base
+    out = load_file(tmp_path / "moe" / "model.safetensors")
+    a, base = load_file(llama["a"] / "model.safetensors"), load_file(llama["base"] / "model.safetensors")
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.0.w1.weight"],
+                       a["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(a["model.layers.1.mlp.gate_proj.weight"], base["model.layers.1.mlp.gate_proj.weight"])
+    sp = result.verification["specificity"]
+    assert set(sp["top1"]) == {"0", "1", "2"} and sp["mean_top1"] > sp["chance_top1"]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_verify_force_expert_cli(llama, tmp_path, top_k):
+    """Every token to expert e reproduces source e (top-1, and top-2 with renormalised weights); the other
+    source is measured, not reproduced."""
+    cfg = config(llama["base"], [llama["a"], llama["b"]], top_k=top_k)
+    _merge(cfg, tmp_path / "moe")  # verification records which sources differ from the base only in their FFN
+    for expert, source in enumerate((llama["a"], llama["b"])):
+        result = run_cli("verify", source, tmp_path / "moe", "--force-expert", expert, "--json", "-q",
+                         "--max-new-tokens", "2")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["exact_expected"] and report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    wrong = json.loads(run_cli("verify", llama["b"], tmp_path / "moe", "--force-expert", 0, "--json", "-q",
+                               "--max-new-tokens", "0").stdout)
+    assert wrong["max_abs_logit_diff"] > 1e-3
+
+
+def test_identical_sources_give_the_base(llama, tmp_path):
+    result = _merge(config(llama["base"], [llama["copy"], llama["base"], llama["copy"]], top_k=2), tmp_path / "moe")
+    assert result.summary["exact"] is True and result.verification["base"]["passed"]
+    assert max_logit_diff(llama["base"], tmp_path / "moe") <= 1e-5
+    avg = _merge(config(llama["base"], [llama["copy"], llama["base"]], shared_weights="average"), tmp_path / "avg")
+    assert avg.summary["exact"] is True and max_logit_diff(llama["base"], tmp_path / "avg") <= 1e-5
+
+
+def test_average_shared_weights(llama, tmp_path):
+    """shared_weights: average is the mean of the listed sources and the base; the FFN-only source is not
+    reproduced exactly any more, and says so."""
+    result = _merge(config(llama["base"], [llama["a"], llama["attn"]], shared_weights="average"), tmp_path / "moe")
+    out = load_file(tmp_path / "moe" / "model.safetensors")
+    key = "model.layers.2.self_attn.o_proj.weight"
+    parts = [load_file(llama[n] / "model.safetensors")[key] for n in ("a", "attn", "base")]
+    assert torch.allclose(out[key], sum(parts) / 3, atol=1e-7)
+    forced = _forced(result)
+    assert not forced[0]["exact_expected"] and forced[0]["max_abs_logit_diff"] > 1e-4
+
+
+def test_attention_fine_tune_is_measured_not_claimed(llama, tmp_path):
+    result = _merge(config(llama["base"], [llama["a"], llama["attn"]]), tmp_path / "moe")
+    forced = _forced(result)
+    assert forced[0]["exact_expected"] and forced[0]["max_abs_logit_diff"] <= 1e-4
+    assert not forced[1]["exact_expected"] and forced[1]["max_abs_logit_diff"] > 1e-4
+
+
+def _routers(folder: Path) -> dict[int, torch.Tensor]:
+    state = load_file(folder / "model.safetensors")
+    return {int(k.split(".")[2]): v for k, v in state.items() if k.endswith("block_sparse_moe.gate.weight")}
+
+
+@pytest.mark.parametrize("init", ["hidden", "embed", "domain", "normal", "uniform", "zeros"])
+def test_router_inits(llama, tmp_path, init):
+    cfg = config(llama["base"], [llama["a"], llama["b"], llama["a"]], router_init=init, router_std=0.1, top_k=1)
+    for i, expert in enumerate(cfg["experts"]):
+        text = tmp_path / f"domain{i}.txt"
+        text.write_text(" ".join([PROMPTS[i][0]] * 12))
+        expert["calibration"] = str(text)
+    _merge(cfg, tmp_path / "moe", verify=False)
+    rows = _routers(tmp_path / "moe")
+    assert sorted(rows) == [0, 1, 2] and all(r.shape == (3, 64) for r in rows.values())
+    if init == "zeros":
+        assert all(not r.any() for r in rows.values())
+        return
+    norms = torch.stack([r.norm(dim=1) for r in rows.values()])
+    if init in ("hidden", "embed", "domain"):  # centred, then the norm of a N(0, 0.1^2) row
+        assert torch.allclose(norms, torch.full_like(norms, 0.1 * 64 ** 0.5), rtol=1e-3)
+        assert not torch.allclose(rows[0][0], rows[0][1])
+        same_layers = torch.equal(rows[0], rows[1])
+        assert same_layers == (init == "embed")
+    elif init == "normal":
+        assert 0.07 < float(torch.stack(list(rows.values())).std()) < 0.13
+    else:  # uniform: nn.Linear's default, U(-1/8, 1/8) for hidden 64
+        values = torch.stack(list(rows.values()))
+        assert float(values.abs().max()) <= 1 / 8 and float(values.abs().max()) > 0.1
+
+
+def test_hidden_router_reads_the_ffn_inputs(llama):
+    """Hidden rows are the FFN-input means of each expert's prompts, centred over the experts."""
+    from upcycle.calibration import calibration_tokenizer
+    from upcycle.families import family_for_model_type
+    from upcycle.io import open_source
+    from upcycle.merge.probe import FfnInputs, encode_prompts
+    from upcycle.merge.routers import hidden_rows
+
+    src = open_source(str(llama["base"]))
+    family, tokenizer = family_for_model_type("llama"), calibration_tokenizer(src)
+    cfg = load_config(config(llama["base"], [llama["a"], llama["b"]]))
+    rows = hidden_rows(cfg, src, family, [0, 2], tokenizer)
+    with FfnInputs(src, family, [0, 2]) as model:
+        means = [model.mean(encode_prompts(tokenizer, e.prompts)) for e in cfg.experts]
+    for layer in (0, 2):
+        centred = means[0][layer] - (means[0][layer] + means[1][layer]) / 2
+        assert torch.allclose(rows[layer][0] / rows[layer][0].norm(), centred / centred.norm(), atol=1e-5)
+
+
+@pytest.mark.parametrize("family,target,expert_key", [
+    ("llama", "upcycle", "model.layers.0.mlp.experts.1.up_proj.weight"),
+    ("qwen2", "qwen2_moe", "model.layers.0.mlp.experts.1.up_proj.weight"),
+    ("qwen3", "qwen3_moe", "model.layers.0.mlp.experts.1.up_proj.weight"),
+    ("granite", "granitemoe", None),
+    ("phi3", "mixtral", "model.layers.0.block_sparse_moe.experts.1.w3.weight"),
+    ("gpt2", "upcycle", "transformer.h.0.mlp.experts.1.up_proj.weight"),
+])
+def test_targets_hold_the_merge(tmp_path, family, target, expert_key):
+    """Each target that can hold a merge (the auto choice, or the bundled model) reproduces each source
+    with every token sent to its expert, including fused (Phi-3) and Conv1D (GPT-2) checkpoints."""
+    base = make_base(family, tmp_path / "base")
+    a, b = fine_tune(base, tmp_path / "a", 1, part="mlp"), fine_tune(base, tmp_path / "b", 2, part="mlp")
+    result = _merge(config(base, [a, b], top_k=2, target=target), tmp_path / "moe")
+    assert result.summary["target"] == target
+    forced = _forced(result)
+    assert all(row["exact_expected"] and row["max_abs_logit_diff"] <= 1e-4 for row in forced.values()), forced
+    if expert_key:
+        assert expert_key in load_file(tmp_path / "moe" / "model.safetensors")
+
+
+def _in_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+    """A copy of ``folder`` where the Hugging Face cache keeps ``repo_id``'s snapshots (so it has a Hub id)."""
+    org, name = repo_id.split("/")
+    snapshot = cache / f"models--{org}--{name}" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    return snapshot
+
+
+def test_mergekit_config_as_is(llama, tmp_path):
+    base, a, b = (_in_hub_cache(llama[k], tmp_path / "hub", f"org/{k}") for k in ("base", "a", "b"))
+    text = {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
+            "experts": [{"source_model": str(a), "positive_prompts": PROMPTS[0], "negative_prompts": PROMPTS[2]},
+                        {"source_model": str(b), "positive_prompts": PROMPTS[1]}]}
+    path = tmp_path / "mergekit.yml"
+    path.write_text(yaml.safe_dump(text))
+    result = run_cli("merge", path, tmp_path / "moe", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert (s["config_format"], s["router_init"], s["top_k"], s["dtype"]) == ("mergekit", "hidden", 1, "float32")
+    assert all(row["max_abs_logit_diff"] <= 1e-4 for row in s["verification"]["sources"])
+    card = (tmp_path / "moe" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == ["org/base", "org/a", "org/b"]
+    assert meta["base_model_relation"] == "merge"
+    recipe = read_json(tmp_path / "moe" / "upcycle_recipe.json")
+    assert recipe["upcycle"]["merge"]["experts"][0]["negative_prompts"] == PROMPTS[2]
+    assert recipe["upcycle"]["merge"]["forced_exact"] == [True, True]
+    assert f"| 1 | `{b}` | 2 |" in card and "--force-expert E" in card and "Routing specificity" in card
+
+
+@pytest.mark.parametrize("gate_mode,router,std", [("cheap_embed", "embed", 0.02), ("random", "normal", 1.0),
+                                                  ("uniform_random", "uniform", 0.02), ("hidden", "hidden", 0.02)])
+def test_mergekit_gate_modes(gate_mode, router, std):
+    cfg = load_config({"base_model": "org/base", "gate_mode": gate_mode, "experts": [
+        {"source_model": "org/a@v2", "positive_prompts": ["x"], "noise_scale": 0.01, "residual_scale": 0.5},
+        {"source_model": "org/b", "positive_prompts": ["y"]}]})
+    assert (cfg.format, cfg.router_init, cfg.router_std, cfg.top_k) == ("mergekit", router, std, 2)
+    assert (cfg.experts[0].revision, cfg.experts[0].noise_std, cfg.experts[0].residual_scale) == ("v2", 0.01, 0.5)
+
+
+def test_mergekit_shared_expert_maps_to_qwen2_moe(tmp_path):
+    base = make_base("qwen2", tmp_path / "base")
+    a, b, c = (fine_tune(base, tmp_path / n, i) for i, n in enumerate("abc", 1))
+    cfg = {"base_model": str(base), "gate_mode": "random", "experts_per_token": 1,
+           "experts": [{"source_model": str(a)}, {"source_model": str(b)}],
+           "shared_experts": [{"source_model": str(c), "positive_prompts": ["the"]}]}
+    result = _merge(cfg, tmp_path / "moe", verify=False)
+    assert result.summary["target"] == "qwen2_moe" and result.summary["shared_expert_size"] == 96
+    assert result.config.notes and "prompts ignored" in result.config.notes[0]
+    out, src = load_file(tmp_path / "moe" / "model.safetensors"), load_file(c / "model.safetensors")
+    assert torch.equal(out["model.layers.1.mlp.shared_expert.down_proj.weight"],
+                       2 * src["model.layers.1.mlp.down_proj.weight"])
+    assert not out["model.layers.1.mlp.shared_expert_gate.weight"].any()
+
+
+def test_shared_expert_on_llama_goes_to_the_bundled_model(llama, tmp_path):
+    cfg = config(llama["base"], [llama["a"], llama["b"]], router_init="zeros",
+                 shared_expert={"source": str(llama["attn"])})
+    assert _merge(cfg, tmp_path / "moe", dry_run=True).summary["target"] == "upcycle"
+    with pytest.raises(UnsupportedArchitectureError, match="mixtral has no shared expert"):
+        _merge({**cfg, "target": "mixtral"}, tmp_path / "moe", dry_run=True)
+
+
+def test_hub_sources_offline(llama, tmp_path, monkeypatch):
+    """Hub repo ids (here from an offline cache) as base and experts: the card lists their ids, verification
+    opens each downloaded snapshot."""
+    from huggingface_hub import constants
+
+    for name in ("base", "a", "b"):
+        cache_repo(tmp_path / "cache", f"org/{name}", llama[name])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = _merge({"base_model": "org/base", "top_k": 1, "experts": [
+        {"source": "org/a", "prompts": PROMPTS[0]}, {"source": "org/b", "prompts": PROMPTS[1]}]}, tmp_path / "moe")
+    assert all(row["exact_expected"] and row["max_abs_logit_diff"] <= 1e-4 for row in result.verification["sources"])
+    meta = yaml.safe_load((tmp_path / "moe" / "README.md").read_text().split("---")[1])
+    assert meta["base_model"] == ["org/base", "org/a", "org/b"] and meta["base_model_relation"] == "merge"
+
+
+def test_dry_run_reads_only_headers(llama, tmp_path, monkeypatch):
+    from upcycle.io.folder import SafetensorsFolder
+
+    def refuse(self, name):
+        raise AssertionError(f"dry run read tensor {name}")
+
+    monkeypatch.setattr(SafetensorsFolder, "read", refuse)
+    result = run_cli("merge", _write(tmp_path, config(llama["base"], [llama["a"], llama["b"]])), tmp_path / "out",
+                     "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dry_run"] is True and not (tmp_path / "out").exists()
+
+
+def _write(folder: Path, cfg: dict, name: str = "merge.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_text_output_and_overrides(llama, tmp_path):
+    path = _write(tmp_path, config(llama["base"], [llama["a"], llama["b"]], router_init="zeros"))
+    result = run_cli("merge", path, tmp_path / "moe", "-q", "--target", "upcycle", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "(upcycle)" in result.stdout and "every token to expert 1" in result.stdout
+    assert read_json(tmp_path / "moe" / "config.json")["dtype"] == "bfloat16"
+    info = upcycle.inspect(tmp_path / "moe")
+    assert (info["recipe"]["method"], info["recipe"]["router_init"], info["num_experts"]) == ("merge", "zeros", 2)
+    assert "note" not in info  # experts are not identical copies
+
+
+def test_bad_configs(llama, tmp_path):
+    qwen = make_base("qwen2", tmp_path / "qwen")
+    wide = make_base("llama", tmp_path / "wide", intermediate_size=128)
+    out = tmp_path / "out"
+    cases = [
+        (config(llama["base"], [llama["a"], qwen]), "'qwen2' model"),
+        (config(llama["base"], [llama["a"], wide]), "config key 'intermediate_size' is 128"),
+        (config(llama["base"], [llama["a"], tmp_path / "missing"]), "experts[1]"),
+        ({**config(llama["base"], [llama["a"], llama["b"]]), "colour": "red"}, "unknown merge config key(s): colour"),
+        ({"base_model": str(llama["base"]), "experts": [{"source": str(llama["a"]), "prompts": ["the"]},
+                                                         {"source": str(llama["b"])}]}, "experts[1]"),
+        ({"base_model": str(llama["base"]), "gate_mode": "hidden_last",
+          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "hidden_last"),
+        ({"base_model": str(llama["base"]), "architecture": "deepseek", "experts_per_token": 1,
+          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "deepseek"),
+        ({"base_model": str(llama["base"]), "experts_per_token": 1,
+          "experts": [{"source_model": f"{llama['a']}+some/lora", "positive_prompts": ["the"]}]}, "LoRA"),
+        ({"base_model": str(llama["base"]), "experts_per_token": 1, "tokenizer_source": "base",
+          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]}, "tokenizer_source"),
+        (config(llama["base"], [llama["a"], llama["b"]], router_init="domain"), "calibration"),
+        ({"base_model": str(llama["base"]), "architecture": "qwen", "experts_per_token": 1,
+          "experts": [{"source_model": str(llama["a"]), "positive_prompts": ["the"]}]},
+         "architecture (target qwen2_moe)"),
+    ]
+    for i, (cfg, fragment) in enumerate(cases):
+        result = run_cli("merge", _write(tmp_path, cfg, f"bad{i}.yaml"), out, "-q")
+        assert_clean_error(result, out, fragment)
+
+
+def test_bad_config_error_types(llama, tmp_path):
+    with pytest.raises(SourceNotFoundError, match=r"experts\[0\]"):
+        _merge(config(llama["base"], [tmp_path / "nope"], top_k=1), tmp_path / "o", dry_run=True)
+    with pytest.raises(RecipeError, match="has no prompts"):
+        load_config({"experts": [{"source": "x"}], "top_k": 1})
+    with pytest.raises(RecipeError, match="experts\\[1\\] \\(b\\) has no positive_prompts"):
+        load_config({"base_model": "a", "experts": [{"source_model": "a", "positive_prompts": ["x"]},
+                                                    {"source_model": "b"}]})
+    with pytest.raises(RecipeError, match="experts_per_token must be between 1 and the number of experts \\(1\\)"):
+        load_config({"base_model": "a", "experts": [{"source_model": "a", "positive_prompts": ["x"]}]})
+    with pytest.raises(UnsupportedArchitectureError, match="'qwen2' model"):
+        _merge(config(llama["base"], [make_base("qwen2", tmp_path / "q")], top_k=1), tmp_path / "o", dry_run=True)
+
+
+def test_same_config_same_bytes(llama, tmp_path):
+    """A merge is reproducible: the same config and seed give byte-identical files."""
+    from checks import tree_hashes
+
+    cfg = config(llama["base"], [llama["a"], llama["b"]], router_init="hidden", seed=3,
+                 experts=[{"source": str(llama["a"]), "prompts": PROMPTS[0], "noise_std": 0.01},
+                          {"source": str(llama["b"]), "prompts": PROMPTS[1]}])
+    first, second = (tree_hashes(_merge(cfg, tmp_path / name, verify=False).output) for name in ("one", "two"))
+    assert first == second and "model.safetensors" in first
+
+
+def test_gguf_sources(tmp_path):
+    """A .gguf file as base and experts (one file listed twice): identical sources give the base exactly."""
+    pytest.importorskip("gguf")
+    from test_gguf import write_tiny_llama_gguf
+
+    gguf = write_tiny_llama_gguf(tmp_path)
+    result = _merge({"base_model": str(gguf), "top_k": 1, "experts": [
+        {"source": str(gguf), "prompts": ["hello world"]}, {"source": str(gguf), "prompts": ["def f(x):"]}]},
+        tmp_path / "moe")
+    assert result.summary["exact"] is True and result.verification["base"]["max_abs_logit_diff"] <= 1e-5
