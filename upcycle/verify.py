@@ -128,7 +128,7 @@ def forced_expert_count(config: Any, expert: int) -> int:
 
 def copy_expert(module, expert: int, count: int) -> None:
     """Make every routed expert inside ``module`` (a model or one decoder layer) a copy of ``expert``. Experts are
-    found as ``...experts.<e>...`` modules or as fused/packed ``[num_experts, ...]`` tensors (3-d)."""
+    found as ``...experts.<e>...`` modules or as fused/packed ``[num_experts, ...]`` tensors (and biases)."""
     import re
 
     import torch
@@ -139,8 +139,8 @@ def copy_expert(module, expert: int, count: int) -> None:
         for name, param in params.items():
             if per_expert.search(name):
                 param.copy_(params[per_expert.sub(lambda m: f"{m.group(1)}experts.{expert}.", name, count=1)])
-            elif param.dim() == 3 and param.shape[0] == count:
-                param.copy_(param[expert].expand_as(param))
+            elif param.shape[:1] == (count,) and (param.dim() == 3 or "experts." in name):
+                param.copy_(param[expert].expand_as(param))  # fused/packed [E, ...] weights and their biases
 
 
 def route_all_to_expert(model, expert: int) -> None:

@@ -91,7 +91,7 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
     merged, base_config, ids = open_sources(cfg, quiet, headers_only=dry_run)
     if not dry_run:
         for source in [merged.base, *merged.sources.values()]:
-            check_output(output, force, source.folder)
+            check_output(output, force, getattr(source, "file", source.folder))
     plan = plan_merge(cfg, base_config, merged.infos, ids)
     summary = merge_summary(plan, cfg, cfg.sources)
     if dry_run:
