@@ -344,3 +344,30 @@ def test_gguf_sources(tmp_path):
         {"source": str(gguf), "prompts": ["hello world"]}, {"source": str(gguf), "prompts": ["def f(x):"]}]},
         tmp_path / "moe")
     assert result.summary["exact"] is True and result.verification["base"]["max_abs_logit_diff"] <= 1e-5
+
+
+def test_ffn_inputs_stream_what_the_whole_model_computes(llama):
+    """The hidden/domain probe runs the base one layer at a time; its FFN inputs equal a whole-model forward's."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.calibration import calibration_tokenizer
+    from upcycle.families import family_for_model_type
+    from upcycle.io import open_source
+    from upcycle.merge.probe import FfnInputs, encode_prompts, ffn_module_name
+
+    src = open_source(str(llama["base"]))
+    family, tokenizer = family_for_model_type("llama"), calibration_tokenizer(src)
+    sequences = encode_prompts(tokenizer, ["def fibonacci(n):", "Once upon a time there was"])
+    with FfnInputs(src, family, [0, 2]) as probe:
+        streamed = probe.mean(sequences)
+    model = AutoModelForCausalLM.from_pretrained(llama["base"], dtype=torch.float32).eval()
+    modules, seen = dict(model.named_modules()), {0: [], 2: []}
+    for layer in (0, 2):
+        modules[ffn_module_name(family, layer)].register_forward_pre_hook(
+            lambda m, args, layer=layer: seen[layer].append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for ids, _ in sequences:
+            model(ids.view(1, -1))
+    for layer in (0, 2):
+        whole = torch.cat([s[keep] for s, (_, keep) in zip(seen[layer], sequences)]).mean(0)
+        assert torch.allclose(streamed[layer], whole, atol=1e-5), float((streamed[layer] - whole).abs().max())
