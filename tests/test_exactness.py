@@ -13,12 +13,7 @@ from checks import run_cli
 from factories import CONFIGS, EXACT_ATOL, make_dense, max_logit_diff, perturb_one_expert, save_tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

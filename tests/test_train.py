@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a of to and in is it that was for on are as with his they at be this from".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and do not fight the other test processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moe(folder: Path, family: str = "llama", **recipe) -> Path:
