@@ -64,12 +64,11 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     ``base_model`` is the dense model's Hub repo id for the card; by default it is derived from the source
     (a Hub id, a Hugging Face cache snapshot folder, or a ``_name_or_path`` repo id in its config).
     """
+    from .card import check_base_model
     from .io import open_source
     from .io.atomic import atomic_folder, check_free_space, check_output
     from .io.config_check import check_required_tensors
     from .plan import make_plan
-
-    from .card import check_base_model
 
     recipe = build_recipe(recipe, **overrides)
     output = Path(output)
@@ -125,7 +124,7 @@ def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
     huge ``--num-experts`` be refused for lack of space before that."""
     from .plan import make_plan
 
-    group = recipe.option("granularity") - recipe.option("shared_experts") if recipe.method == "split" else 1
+    group = getattr(recipe.method_options, "routed_group_size", 1)
     first = max(group, -(-recipe.top_k // group) * group)
     if recipe.num_experts <= first + group:
         return make_plan(config, infos, recipe).summary()["output_bytes"]

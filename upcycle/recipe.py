@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from .errors import RecipeError
 from .experts import MethodOptions, get_method, option_owners
+from .experts.base import require_integer
 from .layers import check_layer_spec
 from .routers import get_router_init
 
@@ -51,17 +52,6 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise RecipeError(f"--max-shard-size must be positive, got {value!r}")
     return size
-
-
-def _integer(flag: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise RecipeError(f"--{flag} must be an integer >= {minimum}, got {value!r}")
-
-
-def _real(flag: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RecipeError(f"--{flag} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _flag(name: str) -> str:
@@ -136,20 +126,20 @@ class Recipe:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _integer("num-experts", self.num_experts, 1)
+        require_integer("num-experts", self.num_experts, 1)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
             raise RecipeError(
                 f"--top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k!r}")
         if self.dtype not in DTYPES:
             raise RecipeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if _real("router-std", self.router_std) < 0:
+        if self.router_std < 0:  # check_field_types made it a finite number
             raise RecipeError(f"--router-std must be >= 0, got {self.router_std}")
-        if _real("noise-std", self.noise_std) < 0:
+        if self.noise_std < 0:
             raise RecipeError(f"--noise-std must be >= 0, got {self.noise_std}")
-        _integer("seed", self.seed, 0)
+        require_integer("seed", self.seed, 0)
         if self.seed > MAX_SEED:
             raise RecipeError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        _integer("calibration-tokens", self.calibration_tokens, 1)
+        require_integer("calibration-tokens", self.calibration_tokens, 1)
         method = get_method(self.method)
         get_router_init(self.router_init)
         parse_size(self.max_shard_size)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from ..errors import RecipeError
 from ..layer_data import LayerData
 from ..tensors import ExpertSlice, LayerExperts
 
@@ -20,6 +21,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import Recipe
 
 __all__ = ["ExpertMethod", "ExpertSlice", "LayerExperts", "MethodContext", "MethodOptions", "NoOptions"]
+
+
+def require_integer(flag: str, value: object, minimum: int) -> None:
+    """Raise :class:`RecipeError` unless ``value`` is an integer (not a bool) >= ``minimum``; ``flag`` names it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise RecipeError(f"--{flag} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,7 @@ import torch
 from ..errors import RecipeError
 from ..partitions import PartitionContext, get_partition, partition
 from ..routers import get_router_init
-from .base import ExpertMethod, ExpertSlice, LayerExperts, MethodContext, MethodOptions
-
-
-def _integer(flag: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise RecipeError(f"--{flag} must be an integer >= {minimum}, got {value!r}")
+from .base import ExpertMethod, ExpertSlice, LayerExperts, MethodContext, MethodOptions, require_integer
 
 
 @dataclass(frozen=True)
@@ -37,8 +32,8 @@ class SplitOptions(MethodOptions):
         return self.granularity - self.shared_experts
 
     def check(self, recipe) -> None:
-        _integer("granularity", self.granularity, 1)
-        _integer("shared-experts", self.shared_experts, 0)
+        require_integer("granularity", self.granularity, 1)
+        require_integer("shared-experts", self.shared_experts, 0)
         get_partition(self.split_strategy)
         g, s = self.granularity, self.shared_experts
         if s >= g:
