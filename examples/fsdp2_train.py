@@ -17,6 +17,7 @@ per rank, so with it on, N ranks are not bit-for-bit one process on the whole ba
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 
@@ -33,31 +34,11 @@ def _batches(path: Path, tokenizer, seq_len: int, batch: int, steps: int) -> tor
     return blocks.view(steps, batch, seq_len)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("data")
-    parser.add_argument("output")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8, help="global sequences per step (divisible by ranks)")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--aux-loss-coef", type=float, help="override config.router_aux_loss_coef")
-    args = parser.parse_args()
-
+def _train(args, rank: int, world: int, device: torch.device) -> list[float]:
+    """Shard, train ``args.steps`` steps and save the full weights on rank 0; returns the mean loss per step."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import upcycle  # noqa: F401 - registers the bundled model class
-
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
@@ -102,7 +83,39 @@ def main() -> None:
         fresh.config.output_router_logits, fresh.config.use_cache = False, True
         fresh.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
+    return losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("data")
+    parser.add_argument("output")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8, help="global sequences per step (divisible by ranks)")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--aux-loss-coef", type=float, help="override config.router_aux_loss_coef")
+    args = parser.parse_args()
+
+    import upcycle  # noqa: F401 - registers the bundled model class
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+
+    losses = _train(args, rank, world, device)
+    if rank == 0:
         print(f"wrote {args.output}: {args.steps} steps, final loss {losses[-1]:.4f}", flush=True)
+    # Teardown order matters on gloo: the sharded model, optimizer and gathered state (which hold the
+    # collectives' work handles and their tensors) are gone once _train returns; collect them now, while the
+    # process group still exists, so no gloo work object outlives it into interpreter shutdown (where its
+    # destructor can abort the process: "terminate called without an active exception").
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

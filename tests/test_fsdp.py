@@ -5,6 +5,7 @@ process gets on the whole batch."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,23 @@ def work(tmp_path_factory):
     return folder
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _fsdp2(work: Path, model: str, processes: int, port: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run examples/fsdp2_train.py; a rerun only for gloo's rare abort at process teardown (seen once in CI,
+    not reproduced in 60 local runs), which happens after the weights are written and is not our code."""
+    first = _fsdp2_once(work, model, processes, port)
+    if first[0].returncode != 0 and TEARDOWN_ABORT in first[0].stderr:
+        print(f"teardown abort on the first run, rerunning:\n{first[0].stderr[-3000:]}")
+        return _fsdp2_once(work, model, processes, port)
+    return first
+
+
+def _fsdp2_once(work: Path, model: str, processes: int, port: int) -> tuple[subprocess.CompletedProcess, Path]:
     out = work / f"{model}-fsdp{processes}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
            str(port), str(ROOT / "examples" / "fsdp2_train.py"), str(work / model), str(work / "data.txt"), str(out),
            "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--optimizer", "sgd", "--lr", "0.5",
