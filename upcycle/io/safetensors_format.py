@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import torch
 
@@ -157,19 +157,52 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo], data_offset: int, si
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with a positioned read (no memory map, so resident memory stays bounded)."""
-    buffer = bytearray(info.end - info.start)
+    """Read one tensor with a positioned read (no memory map, so resident memory stays bounded).
+
+    The bytes go straight into an uninitialised tensor (a ``bytearray`` would first be zero-filled: one
+    more pass over every byte, a tenth of a streamed verify's time on the 1.1B model).
+    """
+    size = info.end - info.start
+    if size == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    buffer = torch.empty(size, dtype=torch.uint8)
     with open(info.file, "rb", buffering=0) as f:
-        view = memoryview(buffer)
+        view = memoryview(buffer.numpy())
         got = 0
-        while got < len(buffer):
+        while got < size:
             n = os.preadv(f.fileno(), [view[got:]], info.start + got)
             if n == 0:
                 raise CorruptCheckpointError(f"{info.file}: truncated while reading tensor data")
             got += n
-    if not buffer:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+    return buffer.view(info.dtype).reshape(info.shape)
+
+
+def advise_will_need(infos: Iterable[TensorInfo]) -> None:
+    """Ask the kernel to start reading these tensors' bytes into the page cache (``POSIX_FADV_WILLNEED``).
+
+    A hint only: it returns without waiting for the disk where the platform supports it, and does nothing
+    elsewhere. Callers that will :func:`read_tensor` the tensors soon get the disk reads overlapped with
+    their own work.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    ranges: dict[Path, list[tuple[int, int]]] = {}
+    for info in infos:
+        if info.end > info.start:
+            ranges.setdefault(info.file, []).append((info.start, info.end))
+    for path, spans in ranges.items():
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            for start, end in spans:
+                advise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ def limit_heap_growth(threshold: int = 1 << 20) -> None:
     fragments and keeps freed memory resident: measured on the 1.1B x8 verify, peak RSS 3.13 GB by default,
     1.90 GB with a fixed 1 MB threshold (docs/benchmarks.md). Fixing the threshold turns that adjustment
     off. A no-op where there is no glibc (macOS, Windows, musl).
+
+    The ``upcycle`` command also sets ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for torch's large tensors,
+    2.6x less system CPU in page faults); torch reads it at its first large allocation, so Python API users
+    who want it set it in the environment before starting Python.
     """
     global _HEAP_LIMITED
     if _HEAP_LIMITED:

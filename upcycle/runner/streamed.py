@@ -194,6 +194,8 @@ class StreamedModel:
                                 f"the cap is {self.max_layers}")
         module = self.layers[index]
         self.weights.load(self.weights.keys_under([f"{self.layers_path}.{index}."]))
+        if index + 1 < self.num_layers:  # the next layer's bytes come off the disk while this one runs
+            self.weights.prefetch(self.weights.keys_under([f"{self.layers_path}.{index + 1}."]))
         move_buffers(module, self.device)
         if self.on_load is not None:
             self.on_load(module)

@@ -7,12 +7,14 @@ Keys are renamed and experts fused by transformers' own loading code (the conver
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from ..errors import CorruptCheckpointError
+from ..io.safetensors_format import advise_will_need
 from ..io.source import DenseSource
 
 
@@ -25,6 +27,7 @@ class CheckpointWeights:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         self.model, self.source = model, source
+        self._prefetcher: Optional[ThreadPoolExecutor] = None
         self.device, self.dtype, self.weights_dtype = device, dtype, weights_dtype
         self.mapping = get_model_conversion_mapping(model, key_mapping)
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
@@ -38,6 +41,15 @@ class CheckpointWeights:
                 renamed = key
             if renamed in meta:
                 self.target[key] = renamed
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Start reading ``keys``' bytes from disk in the background (a page-cache hint, no memory held here),
+        so the next :meth:`load` of them overlaps its disk reads with the work done meanwhile."""
+        infos = [info for info in (self.source.stored(key) for key in keys) if info is not None]
+        if infos:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upcycle-prefetch")
+            self._prefetcher.submit(advise_will_need, infos)
 
     def keys_under(self, prefixes: Iterable[str]) -> list[str]:
         """Checkpoint keys whose parameter lies under one of the module ``prefixes`` (``model.layers.3.``)."""
