@@ -78,6 +78,7 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
     the routing specificity of the prompts, before the output is moved into place.
     """
     from ..io.atomic import atomic_folder, check_output
+    from ..writing import push_output, write_weights
     from .fidelity import measure_fidelity
     from .planning import plan_merge, summary as merge_summary
     from .record import write_model_files, write_record
@@ -100,18 +101,14 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
         return MergeResult(None, summary, cfg, [], dry_run=True)
     plan = _with_routers(plan, cfg, merged, base_config)
 
-    from ..convert import _write_weights
-
     with atomic_folder(output, force) as tmp:
-        files = _write_weights(tmp, plan, merged, quiet)
+        files = write_weights(tmp, plan, merged, quiet)
         files += write_model_files(tmp, plan, merged, base_config)
         verification = measure_fidelity(tmp, cfg, merged, ids, plan, summary, verify, quiet)
         files += write_record(tmp, plan, cfg, merged, summary, verification, push_to_hub)
     result = MergeResult(output, summary, cfg, sorted(files), verification=verification)
     if push_to_hub:
-        from ..convert import _push
-
-        result.pushed = _push(output, push_to_hub, hub_private, hub_token, quiet)
+        result.pushed = push_output(output, push_to_hub, hub_private, hub_token, quiet)
     return result
 
 
