@@ -582,6 +582,8 @@ class UpcycleMoeBackbone:
         return self._model.dense.base_model
 
     def __getattr__(self, name: str):
+        if name == "_model":  # not set yet (copying, unpickling): no recursion through _backbone
+            raise AttributeError(name)
         return getattr(self._backbone, name)
 
     def __call__(self, *args, output_router_logits: Optional[bool] = None, **kwargs) -> MoeModelOutputWithPast:
