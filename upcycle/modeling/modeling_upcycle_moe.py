@@ -601,5 +601,5 @@ class UpcycleMoeBackbone:
     forward = __call__
 
 
-__all__ = ["UpcycleMoeForCausalLM", "UpcycleMoeBackbone", "UpcycleMoePreTrainedModel", "UpcycleMoeBlock", "UpcycleMoeExpert",
-           "UpcycleMoeExperts", "experts_weight_conversions"]
+__all__ = ["UpcycleMoeForCausalLM", "UpcycleMoeBackbone", "UpcycleMoePreTrainedModel", "UpcycleMoeBlock",
+           "UpcycleMoeExpert", "UpcycleMoeExperts", "experts_weight_conversions"]
