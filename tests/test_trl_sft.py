@@ -74,3 +74,26 @@ def test_sft_trains_the_bundled_model_with_the_aux_loss(work):
     before = AutoModelForCausalLM.from_pretrained(work / "bundled")
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, before.get_parameter(n))]
     assert any(".router." in n for n in changed) and any(".experts." in n for n in changed)
+
+
+def test_fused_lm_head_on_the_bundled_model(work):
+    """TRL's fused LM head over model.base_model: the model's own language-model loss, and an aux loss (Mixtral's
+    formula over the bundled router logits) that reaches the routers' gradients."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(work / "bundled", dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 3, 60, 22, 9, 41], [1, 2, 88, 13, 13, 70, 4]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
+        lm_only = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    add_fused_lm_head(model)
+    fused = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True, output_router_logits=True)
+    expected_aux = load_balancing_loss_func(plain.router_logits, 4, 2, mask)
+    assert torch.allclose(fused.aux_loss, expected_aux) and fused.aux_loss.requires_grad
+    coef = model.config.get_text_config().router_aux_loss_coef
+    assert torch.allclose(fused.loss, lm_only + coef * fused.aux_loss, atol=1e-5)
+    fused.aux_loss.backward()
+    assert all(block.router.weight.grad.abs().sum() > 0 for block in model.moe_blocks)
