@@ -9,6 +9,8 @@ DATA is a text file (one example per line) or JSONL with a ``text`` field. SFTTr
 config); both are set here, and the logged ``aux_loss`` shows the balancing loss it trained with.
 Works with the native targets (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) and the bundled model (``--target upcycle``),
 whose remote-code files are copied into the output so that it still loads with ``trust_remote_code``.
+TRL weights its own balancing loss (Mixtral's formula, about k when balanced) and not the router z-loss;
+see docs/training.md.
 """
 
 from __future__ import annotations
