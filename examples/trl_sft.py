@@ -7,8 +7,10 @@ DATA is a text file (one example per line) or JSONL with a ``text`` field. SFTTr
 ``router_aux_loss_coef x aux_loss`` to the language-model loss when the model config has
 ``output_router_logits`` (TRL >= 1.x reads the coefficient from ``SFTConfig.router_aux_loss_coef``, else from the
 config); both are set here, and the logged ``aux_loss`` shows the balancing loss it trained with.
-Works with the native targets (Mixtral, Qwen2-MoE, Qwen3-MoE, ...); the bundled model (``--target upcycle``)
-is refused with the reason (see docs/training.md).
+Works with the native targets (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) and the bundled model (``--target upcycle``),
+whose remote-code files are copied into the output so that it still loads with ``trust_remote_code``.
+TRL weights its own balancing loss (Mixtral's formula, about k when balanced) and not the router z-loss;
+see docs/training.md.
 """
 
 from __future__ import annotations
@@ -45,15 +47,12 @@ def main(argv=None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     import upcycle  # noqa: F401 - registers the bundled model class, for --target upcycle outputs
+    from upcycle.train.provenance import copy_code_files
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if model.config.model_type == "upcycle_moe":
-        raise SystemExit("the bundled model (--target upcycle) does not plug into TRL 1.16's SFTTrainer (it reads the "
-                         "MoE settings from the dense text config and finds none); train it with `upcycle train`, or "
-                         "convert with a native --target (mixtral, qwen3_moe, ...)")
     model.config.output_router_logits = True  # the model returns its router logits and the aux loss
     model.config.router_aux_loss_coef = args.aux_loss_coef
     config = SFTConfig(output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
@@ -65,6 +64,7 @@ def main(argv=None) -> dict:
     trainer.train()
     model.config.output_router_logits = False  # a plain inference config in the saved model
     trainer.save_model(args.output)
+    copy_code_files(Path(args.model), Path(args.output))  # the bundled model's remote code, for trust_remote_code
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"steps": trainer.state.global_step, "aux_loss_enabled": trainer.aux_loss_enabled,
                "router_aux_loss_coef": trainer.router_aux_loss_coef,

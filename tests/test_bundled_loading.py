@@ -131,6 +131,53 @@ def test_trust_remote_code_without_upcycle(bundled, tmp_path, isolated_python):
     assert (torch.load(tmp_path / "l.pt") - _dense_logits(dense)).abs().max() <= EXACT_ATOL
 
 
+def test_moe_settings_on_the_text_config(bundled, tmp_path):
+    """get_text_config() (where TRL reads them) holds the MoE keys; one value through either config; the file keeps
+    them at the top level only, as files written before did, and such a file loads with them on the text config."""
+    from transformers import AutoConfig
+
+    from upcycle.modeling.configuration_upcycle_moe import TEXT_CONFIG_MOE_KEYS
+
+    _, moe = bundled
+    written = json.loads((moe / "config.json").read_text())
+    assert not set(TEXT_CONFIG_MOE_KEYS) & set(written["text_config"])
+    config = AutoConfig.from_pretrained(moe)
+    text = config.get_text_config()
+    assert text is config.text_config and type(text).__name__ == "Phi3Config"
+    assert {k: getattr(text, k) for k in TEXT_CONFIG_MOE_KEYS} == {k: written[k] for k in TEXT_CONFIG_MOE_KEYS}
+    assert (text.num_experts, text.num_experts_per_tok, text.output_router_logits) == (3, 2, False)
+    text.router_aux_loss_coef, text.output_router_logits = 0.05, True  # as TRL's SFTTrainer sets them
+    assert (config.router_aux_loss_coef, config.output_router_logits) == (0.05, True)
+    config.output_router_logits = False
+    assert text.output_router_logits is False
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["router_aux_loss_coef"], saved["output_router_logits"]) == (0.05, False)
+    assert not set(TEXT_CONFIG_MOE_KEYS) & set(saved["text_config"])
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert reloaded.get_text_config().router_aux_loss_coef == reloaded.router_aux_loss_coef == 0.05
+
+
+def test_base_model_returns_hidden_states_and_router_logits(bundled):
+    """model.base_model (what TRL's fused LM head calls): the last hidden state and, on request, the router logits."""
+    from transformers import AutoModelForCausalLM
+
+    _, moe = bundled
+    model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        full = model(ids, output_router_logits=True)
+        backbone = model.base_model(input_ids=ids, output_router_logits=True, use_cache=False)
+        plain = model.base_model(input_ids=ids)
+    assert backbone.last_hidden_state.shape == (2, len(IDS[0]), model.config.text_config.hidden_size)
+    assert torch.equal(model.get_output_embeddings()(backbone.last_hidden_state), full.logits)
+    assert len(backbone.router_logits) == len(model.config.moe_layers) == len(full.router_logits)
+    assert all(torch.equal(a, b) for a, b in zip(backbone.router_logits, full.router_logits))
+    assert plain.router_logits is None and torch.equal(plain.last_hidden_state, backbone.last_hidden_state)
+    assert model.base_model.embed_tokens is model.get_input_embeddings()  # other attributes: the dense backbone's
+    assert all(block.router_logits_sink is None for block in model.moe_blocks)
+
+
 def _native(kind: str):
     from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 

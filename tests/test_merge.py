@@ -250,6 +250,53 @@ def test_hub_sources_offline(llama, tmp_path, monkeypatch):
     assert meta["base_model"] == ["org/base", "org/a", "org/b"] and meta["base_model_relation"] == "merge"
 
 
+def _card_meta(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+
+
+def test_card_base_model_for_local_sources(llama, tmp_path):
+    """Local sources get their ids as convert finds them: a cache snapshot's org/name, a config _name_or_path
+    that is a repo id; a plain folder has none (it is still listed under Experts)."""
+    base = _in_hub_cache(llama["base"], tmp_path / "hub", "org/base")
+    named = tmp_path / "a-named"
+    shutil.copytree(llama["a"], named)
+    cfg = read_json(named / "config.json")
+    (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "org/a-ft"}))
+    _merge(config(base, [named, llama["b"]], router_init="zeros"), tmp_path / "moe", verify=False)
+    meta = _card_meta(tmp_path / "moe")
+    assert (meta["base_model"], meta["base_model_relation"]) == (["org/base", "org/a-ft"], "merge")
+    assert f"`{llama['b']}`" in (tmp_path / "moe" / "README.md").read_text()
+
+
+def test_base_model_option_names_the_card_ids(llama, tmp_path):
+    """--base-model (repeatable), the config key card_base_model and the API keyword replace the derived ids;
+    the base source stays the config's base_model."""
+    cfg = config(llama["base"], [llama["a"], llama["b"]], router_init="zeros")
+    result = run_cli("merge", _write(tmp_path, cfg), tmp_path / "cli", "-q", "--no-verify",
+                     "--base-model", "Org/base", "--base-model", "Org/code-ft")
+    assert result.exit_code == 0, result.output
+    meta = _card_meta(tmp_path / "cli")
+    assert (meta["base_model"], meta["base_model_relation"]) == (["Org/base", "Org/code-ft"], "merge")
+    recorded = read_json(tmp_path / "cli" / "upcycle_recipe.json")["upcycle"]["merge"]
+    assert recorded["card_base_model"] == ["Org/base", "Org/code-ft"] and recorded["base_model"] == str(llama["base"])
+    _merge({**cfg, "card_base_model": "Org/only"}, tmp_path / "file", verify=False)
+    meta = _card_meta(tmp_path / "file")
+    assert (meta["base_model"], meta["base_model_relation"]) == (["Org/only"], "finetune")
+    _merge(cfg, tmp_path / "api", verify=False, card_base_model=["Org/x", "Org/y"])
+    assert _card_meta(tmp_path / "api")["base_model"] == ["Org/x", "Org/y"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_bad_base_model_on_merge_is_one_error_line(llama, tmp_path, dry_run):
+    path = _write(tmp_path, config(llama["base"], [llama["a"], llama["b"]], router_init="zeros"))
+    out = tmp_path / "moe"
+    result = run_cli("merge", path, out, "-q", "--base-model", "Org/fine", "--base-model", "a/b/c",
+                     *(["--dry-run"] if dry_run else []))
+    assert_clean_error(result, out, "--base-model", "'a/b/c'", "namespace/name")
+    with pytest.raises(RecipeError, match="card_base_model"):
+        load_config({**config(llama["base"], [llama["a"]], router_init="zeros", top_k=1), "card_base_model": [3]})
+
+
 def test_dry_run_reads_only_headers(llama, tmp_path, monkeypatch):
     from upcycle.io.folder import SafetensorsFolder
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from .checkpoint import CARD_FILE, RECIPE_FILE
 
@@ -50,8 +50,9 @@ def repo_id_from_cache_path(folder: Path) -> Optional[str]:
     return f"{match['org']}/{match['name']}" if match else None
 
 
-def check_base_model(repo_id: str) -> str:
-    """``repo_id`` when it is a valid Hub model id (``namespace/name``), else a :class:`RecipeError` saying why."""
+def check_base_model(repo_id: str, where: str = "--base-model") -> str:
+    """``repo_id`` when it is a valid Hub model id (``namespace/name``), else a one-line :class:`RecipeError`
+    naming ``where`` (the option or config key it came from) and why."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -61,8 +62,8 @@ def check_base_model(repo_id: str) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         reason = str(exc).splitlines()[0].rstrip(".")
-        raise RecipeError(f"--base-model {repo_id!r} is not a Hub repo id ({reason}); give the dense model's "
-                          "id as namespace/name, e.g. HuggingFaceTB/SmolLM2-135M") from None
+        raise RecipeError(f"{where} {repo_id!r} is not a Hub repo id ({reason}); give the model's id as "
+                          "namespace/name, e.g. HuggingFaceTB/SmolLM2-135M") from None
     return repo_id
 
 
@@ -88,11 +89,20 @@ def repo_id_from_config(folder: Path) -> Optional[str]:
 
 
 def resolve_base_model(explicit: Optional[str], repo_id: Optional[str], folder: Path) -> Optional[str]:
-    """The card's ``base_model``: ``explicit`` (checked), else the source's Hub repo id, else one derived from a
-    Hugging Face cache snapshot path, else the config's ``_name_or_path`` when that is a repo id."""
+    """The card's ``base_model``: ``explicit`` (which the caller has checked with :func:`check_base_model`, before
+    reading anything), else the source's Hub repo id, else one derived from a Hugging Face cache snapshot path,
+    else the config's ``_name_or_path`` when that is a repo id."""
+    return explicit or repo_id or repo_id_from_cache_path(folder) or repo_id_from_config(folder)
+
+
+def resolve_base_models(explicit: Sequence[str], sources: Iterable[tuple[Optional[str], Path]]) -> list[str]:
+    """A merge's ``base_model`` list: ``explicit`` (checked by the caller) when given, else the id
+    :func:`resolve_base_model` derives for each ``(repo_id, folder)`` source, in order, without repeats; sources
+    without one are left out (the card's Experts section still lists them)."""
     if explicit:
-        return check_base_model(explicit)
-    return repo_id or repo_id_from_cache_path(folder) or repo_id_from_config(folder)
+        return list(dict.fromkeys(explicit))
+    derived = (resolve_base_model(None, repo_id, folder) for repo_id, folder in sources)
+    return list(dict.fromkeys(name for name in derived if name))
 
 
 def base_model_relation(base_model: Union[str, Sequence[str], None]) -> Optional[str]:

@@ -26,10 +26,13 @@ from .cli_common import _human, _terminate_as_interrupt, _user_errors
               help="Measure each source's deviation and the routing specificity.  [default: when it fits in RAM]")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload the output to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--base-model", "card_base_model", metavar="REPO_ID", multiple=True,
+              help="A Hub id for the card's base_model; repeat it to list several (not the base source: that is "
+                   "the config's base_model).  [default: the sources' ids, derived as convert does]")
 @_user_errors
 def merge_cmd(config: str, output: str, target: Optional[str], dtype: Optional[str], seed: Optional[int],
               force: bool, dry_run: bool, as_json: bool, quiet: bool, verify: Optional[bool],
-              push_to_hub: Optional[str], private: bool) -> None:
+              push_to_hub: Optional[str], private: bool, card_base_model: tuple[str, ...]) -> None:
     """Merge the fine-tunes listed in CONFIG (upcycle's YAML/JSON or mergekit-moe's YAML) into an MoE at OUTPUT.
 
     Expert e holds source e's FFN; embeddings, attention and norms are the base's (or their average).
@@ -41,7 +44,8 @@ def merge_cmd(config: str, output: str, target: Optional[str], dtype: Optional[s
         quiet_libraries()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     result = run_merge(config, output, force=force, dry_run=dry_run, quiet=quiet, verify=verify,
-                       push_to_hub=push_to_hub, hub_private=private, target=target, dtype=dtype, seed=seed)
+                       push_to_hub=push_to_hub, hub_private=private, target=target, dtype=dtype, seed=seed,
+                       card_base_model=card_base_model or None)
     s, v = result.summary, result.verification
     if as_json:
         click.echo(json.dumps({**s, "output": str(result.output) if result.output else None, "dry_run": dry_run,

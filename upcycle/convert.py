@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, library_versions, write_recipe
+from .checkpoint import CARD_FILE, CONFIG_FILE, library_versions, write_recipe
 from .errors import RecipeError
 from .recipe import Recipe
 
@@ -69,6 +69,7 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     from .io.atomic import atomic_folder, check_free_space, check_output
     from .io.config_check import check_required_tensors
     from .plan import make_plan
+    from .writing import push_output, write_weights
 
     recipe = build_recipe(recipe, **overrides)
     output = Path(output)
@@ -101,14 +102,14 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
                                                                      compute_dtype))
 
     with atomic_folder(output, force, need_bytes=summary["output_bytes"]) as tmp:
-        files = _write_weights(tmp, plan, src, quiet)
+        files = write_weights(tmp, plan, src, quiet)
         checking = {"verify": verify, "device": device, "dtype": compute_dtype}
         meta, verification = _write_metadata(tmp, plan, src, config, summary, checking, quiet, push_to_hub,
                                              base_model)
         files += meta
     result = ConversionResult(output, summary, recipe, sorted(files), verification=verification)
     if push_to_hub:
-        result.pushed = _push(output, push_to_hub, hub_private, hub_token, quiet)
+        result.pushed = push_output(output, push_to_hub, hub_private, hub_token, quiet)
     return result
 
 
@@ -131,17 +132,6 @@ def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
     small, larger = (make_plan(config, infos, recipe.replace(num_experts=n)).summary()["output_bytes"]
                      for n in (first, first + group))
     return small + (larger - small) * ((recipe.num_experts - first) // group)
-
-
-def _push(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool):
-    from .errors import HubError
-    from .hub_push import push
-
-    try:
-        return push(output, repo_id, private=private, token=token, quiet=quiet)
-    except HubError as exc:
-        raise HubError(f"converted to {output}, but {exc.reason}; to push it (resuming), run "
-                       f"`upcycle push {output} {repo_id}`") from None
 
 
 def _calibration_ids(src, recipe: Recipe):
@@ -176,29 +166,6 @@ def _layer_data(src, plan, calibration_ids, quiet: bool, device: str = "cpu", dt
                                     hidden_centroids=stats.hidden_centroids(layer))
 
     return data
-
-
-def _write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
-    from tqdm.auto import tqdm
-
-    from .io.writer import write_shards
-    from .tensors import SourceCache
-
-    by_name = {t.spec.name: t for t in plan.tensors}
-    shards = plan.shards()
-    cache = SourceCache(src.read, views=plan.source_views)
-    total = sum(t.spec.nbytes for t in plan.tensors)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Writing experts", disable=quiet) as bar:
-        names = write_shards(folder, shards, lambda spec: _produce(by_name[spec.name], src, cache), bar.update)
-    return names + ([INDEX_FILE] if len(names) > 1 else [])
-
-
-def _produce(tensor, src, cache):
-    """The tensor's data: the source's stored bytes when it is an unchanged copy, else computed."""
-    stored = src.stored(tensor.copy_of) if tensor.copy_of is not None else None
-    if stored is not None and stored.dtype == tensor.spec.dtype:
-        return stored
-    return tensor.make(cache)
 
 
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], checking: dict[str, Any],

@@ -70,12 +70,15 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
     """Merge several fine-tunes of one base into an MoE at ``output``.
 
     ``config`` is a :class:`MergeConfig`, a mapping or a YAML/JSON file, in upcycle's format or
-    mergekit-moe's; keyword arguments (``target``, ``dtype``, ``seed``, ``top_k``, ...) override it. Expert e
+    mergekit-moe's; keyword arguments (``target``, ``dtype``, ``seed``, ``top_k``, ...) override it;
+    ``card_base_model`` (one Hub id or a list, the CLI's ``--base-model``) gives the card's ``base_model`` ids in
+    place of those derived from the sources (``base_model`` is the base source, as in the config). Expert e
     holds source e's FFN; the other weights are the base's (or their average). ``verify`` (None: when it
     fits in half the free RAM) measures each source's deviation with every token sent to its expert and
     the routing specificity of the prompts, before the output is moved into place.
     """
     from ..io.atomic import atomic_folder, check_output
+    from ..writing import push_output, write_weights
     from .fidelity import measure_fidelity
     from .planning import plan_merge, summary as merge_summary
     from .record import write_model_files, write_record
@@ -98,18 +101,14 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
         return MergeResult(None, summary, cfg, [], dry_run=True)
     plan = _with_routers(plan, cfg, merged, base_config)
 
-    from ..convert import _write_weights
-
     with atomic_folder(output, force) as tmp:
-        files = _write_weights(tmp, plan, merged, quiet)
+        files = write_weights(tmp, plan, merged, quiet)
         files += write_model_files(tmp, plan, merged, base_config)
         verification = measure_fidelity(tmp, cfg, merged, ids, plan, summary, verify, quiet)
         files += write_record(tmp, plan, cfg, merged, summary, verification, push_to_hub)
     result = MergeResult(output, summary, cfg, sorted(files), verification=verification)
     if push_to_hub:
-        from ..convert import _push
-
-        result.pushed = _push(output, push_to_hub, hub_private, hub_token, quiet)
+        result.pushed = push_output(output, push_to_hub, hub_private, hub_token, quiet)
     return result
 
 

@@ -52,10 +52,19 @@ class MergeConfig:
     calibration_tokens: int = 16384
     #: an always-on shared expert (mergekit ``shared_experts``), held by targets that have one
     shared_expert: Optional[ExpertSpec] = None
+    #: Hub ids for the model card's ``base_model`` (``--base-model``); empty: the sources' own ids, derived as
+    #: ``convert`` derives one (Hub id, cache snapshot folder, config ``_name_or_path``). Not named
+    #: ``base_model``: in merge configs (and mergekit's) that key names the model giving the shared weights.
+    card_base_model: tuple[str, ...] = ()
     #: where the config came from: "upcycle" or "mergekit"
     format: str = "upcycle"
     #: how options were translated (e.g. mergekit options honoured differently), shown to the user
     notes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.card_base_model, (str, list)):  # one id, or a list from a file or the API
+            ids = (self.card_base_model,) if isinstance(self.card_base_model, str) else tuple(self.card_base_model)
+            object.__setattr__(self, "card_base_model", ids)
 
     @property
     def base(self) -> str:
@@ -92,6 +101,7 @@ class MergeConfig:
             _check_expert(expert, f"experts[{index}]", self.router_init)
         if self.shared_expert is not None:
             _check_expert(self.shared_expert, "shared_expert", "zeros")
+        _check_card_base_model(self.card_base_model)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +116,16 @@ def _expert_dict(expert: ExpertSpec) -> dict[str, Any]:
     data = dataclasses.asdict(expert)
     data["prompts"], data["negative_prompts"] = list(expert.prompts), list(expert.negative_prompts)
     return data
+
+
+def _check_card_base_model(ids: Any) -> None:
+    from ..card import check_base_model
+
+    where = "--base-model (card_base_model)"
+    if not isinstance(ids, tuple) or not all(isinstance(i, str) for i in ids):
+        raise RecipeError(f"{where}: give Hub repo ids (namespace/name), one or a list, got {ids!r}")
+    for repo_id in ids:
+        check_base_model(repo_id, where)
 
 
 def _check_expert(expert: ExpertSpec, where: str, router_init: str) -> None:

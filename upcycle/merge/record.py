@@ -31,20 +31,20 @@ def write_model_files(folder: Path, plan, merged, base_config) -> list[str]:
 def write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], verification: dict[str, Any],
                   repo_id: Optional[str]) -> list[str]:
     """upcycle_recipe.json (the merge config under ``upcycle.merge``) and the model card listing every source."""
-    from ..card import render_card, repo_id_from_cache_path, source_license
+    from ..card import render_card, resolve_base_models, source_license
     from ..checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE, provenance_of, read_recipe
 
     forced = provenance_of(read_recipe(folder)).get("merge", {}).get("forced_exact")
     write_provenance(folder, plan, cfg, {**summary, "verification": verification},
                       {"forced_exact": forced} if forced is not None else {})
     sources = [merged.base, *[s for s in merged.sources.values() if s is not merged.base]]
-    # Hub ids only (a local folder has none, as in `convert`); every source is listed in the Experts section
-    names = [n for n in (s.repo_id or repo_id_from_cache_path(s.folder) for s in sources) if n]
+    # Hub ids only (--base-model, or each source's as `convert` finds it); the Experts section lists every source
+    names = resolve_base_models(cfg.card_base_model, ((s.repo_id, s.folder) for s in sources))
     remote = bool(json.loads((folder / CONFIG_FILE).read_text()).get("auto_map"))
     table = {"base_model": cfg.base, "shared_weights": cfg.shared_weights, "router_init": cfg.router_init,
              "top_k": cfg.top_k, "experts": [e.source for e in cfg.experts], "target": plan.target.name,
              "dtype": plan.dtype_name, "seed": cfg.seed}
-    card = render_card(summary, table, list(dict.fromkeys(names)) or None,
+    card = render_card(summary, table, names or None,
                        verification=_card_verification(verification),
                        license_info=source_license(merged.base.folder), remote_code=remote, repo_id=repo_id,
                        reproduce="`upcycle_recipe.json` in this repository records the merge config (under "

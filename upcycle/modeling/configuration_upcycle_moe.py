@@ -5,6 +5,13 @@ Self-contained: imports only transformers, so the file is copied into checkpoint
 
 The dense model's own config is kept whole under ``text_config`` (with its ``model_type``); the fields
 below say which layers are MoE and what their experts look like.
+
+``config.get_text_config()`` is that dense config (transformers reads the vocabulary, layer count, cache
+and attention settings there). Trainers built on transformers look for the MoE settings there too (TRL's
+``SFTTrainer`` reads ``output_router_logits``, ``router_aux_loss_coef``, ``num_experts`` and
+``num_experts_per_tok`` from ``get_text_config()``, as for Llama 4 or Qwen3-VL-MoE, whose text configs hold
+them), so the keys in :data:`TEXT_CONFIG_MOE_KEYS` live on the text config: this config reads and writes them
+there, and ``config.json`` keeps them at the top level only, as files written before did.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 ROUTER_TYPES = ("softmax", "sigmoid")
+
+#: MoE settings held on ``text_config`` (one value, read and written through either config)
+TEXT_CONFIG_MOE_KEYS = ("num_experts", "num_experts_per_tok", "output_router_logits", "router_aux_loss_coef",
+                        "router_z_loss_coef")
 
 
 class UpcycleMoeConfig(PreTrainedConfig):
@@ -74,7 +85,36 @@ class UpcycleMoeConfig(PreTrainedConfig):
             self.moe_intermediate_size = int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size)
         if self.moe_layers is None:
             self.moe_layers = list(range(text.num_hidden_layers))
+        own = super().__getattribute__("__dict__")
+        for key in TEXT_CONFIG_MOE_KEYS:  # this file's top-level values win over any left in text_config
+            setattr(text, key, own[key])
         self.validate_moe()
+
+    def _moe_text_config(self, key: str) -> PreTrainedConfig | None:
+        """The text config once it holds ``key`` (None while the config is being built)."""
+        if key not in TEXT_CONFIG_MOE_KEYS:
+            return None
+        text = super().__getattribute__("__dict__").get("text_config")
+        return text if isinstance(text, PreTrainedConfig) and key in vars(text) else None
+
+    def __getattribute__(self, key):
+        if key in TEXT_CONFIG_MOE_KEYS and (text := self._moe_text_config(key)) is not None:
+            return getattr(text, key)
+        return super().__getattribute__(key)
+
+    def __setattr__(self, key, value):
+        if key in TEXT_CONFIG_MOE_KEYS and (text := self._moe_text_config(key)) is not None:
+            setattr(text, key, value)
+        super().__setattr__(key, value)
+
+    def to_dict(self) -> dict:
+        """As transformers writes it, with the MoE keys at the top level only (the layout of older files)."""
+        output = super().to_dict()
+        if isinstance(output.get("text_config"), dict):
+            for key in TEXT_CONFIG_MOE_KEYS:
+                output["text_config"].pop(key, None)
+                output[key] = getattr(self, key)
+        return output
 
     def validate_moe(self) -> None:
         """Reject settings the model cannot run, with the fix."""
@@ -99,4 +139,4 @@ class UpcycleMoeConfig(PreTrainedConfig):
         return "silu"
 
 
-__all__ = ["UpcycleMoeConfig"]
+__all__ = ["UpcycleMoeConfig", "TEXT_CONFIG_MOE_KEYS"]

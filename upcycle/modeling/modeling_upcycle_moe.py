@@ -27,6 +27,7 @@ keep the per-expert layout.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
@@ -37,7 +38,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .configuration_upcycle_moe import UpcycleMoeConfig
 
@@ -517,22 +518,40 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.dense.prepare_inputs_for_generation(*args, **kwargs)
 
+    @property
+    def base_model(self):
+        """The dense backbone (decoder stack without the LM head) as :class:`UpcycleMoeBackbone`.
+
+        transformers' convention is that ``model.base_model`` returns the last hidden state and, for MoE
+        models, the router logits; TRL's fused LM head calls it. (``base_model_prefix`` stays ``""``: the
+        state-dict keys are the dense model's.)
+        """
+        if "dense" not in self.__dict__:  # while PreTrainedModel.__init__ runs
+            return self
+        return UpcycleMoeBackbone(self)
+
+    @contextlib.contextmanager
+    def _router_logits(self, wanted: bool):
+        """A list that receives every MoE block's router logits for the duration (None when not ``wanted``)."""
+        sink: Optional[list] = [] if wanted else None
+        blocks = self.moe_blocks
+        for block in blocks:
+            block.router_logits_sink = sink
+        try:
+            yield sink
+        finally:
+            for block in blocks:
+                block.router_logits_sink = None
+
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, output_router_logits: Optional[bool] = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> MoeCausalLMOutputWithPast:
         want_router = self.config.output_router_logits if output_router_logits is None else output_router_logits
-        sink: Optional[list] = [] if want_router else None
-        blocks = self.moe_blocks
-        for block in blocks:
-            block.router_logits_sink = sink
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         kwargs["return_dict"] = True
-        try:
+        with self._router_logits(want_router) as sink:
             out = self.dense(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        finally:
-            for block in blocks:
-                block.router_logits_sink = None
         loss, aux_loss, z_loss = out.loss, None, None
         if sink:
             aux_loss = load_balancing_loss(sink, self.config.num_experts_per_tok, self.config.router_type,
@@ -548,5 +567,39 @@ class UpcycleMoeForCausalLM(UpcycleMoePreTrainedModel, GenerationMixin):
                                          router_logits=tuple(sink) if sink else None)
 
 
-__all__ = ["UpcycleMoeForCausalLM", "UpcycleMoePreTrainedModel", "UpcycleMoeBlock", "UpcycleMoeExpert",
-           "UpcycleMoeExperts", "experts_weight_conversions"]
+class UpcycleMoeBackbone:
+    """``model.base_model`` of :class:`UpcycleMoeForCausalLM`: the dense family's backbone (``LlamaModel``,
+    ``GPT2Model``, ...) whose call also returns the router logits, as ``MoeModelOutputWithPast``.
+
+    Not a module of its own (it holds no weights); other attributes are the dense backbone's.
+    """
+
+    def __init__(self, model: UpcycleMoeForCausalLM):
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def _backbone(self) -> nn.Module:
+        return self._model.dense.base_model
+
+    def __getattr__(self, name: str):
+        if name == "_model":  # not set yet (copying, unpickling): no recursion through _backbone
+            raise AttributeError(name)
+        return getattr(self._backbone, name)
+
+    def __call__(self, *args, output_router_logits: Optional[bool] = None, **kwargs) -> MoeModelOutputWithPast:
+        model = self._model
+        want_router = model.config.output_router_logits if output_router_logits is None else output_router_logits
+        kwargs["return_dict"] = True
+        with model._router_logits(want_router) as sink:
+            out = self._backbone(*args, **kwargs)
+        return MoeModelOutputWithPast(last_hidden_state=out.last_hidden_state,
+                                      past_key_values=getattr(out, "past_key_values", None),
+                                      hidden_states=getattr(out, "hidden_states", None),
+                                      attentions=getattr(out, "attentions", None),
+                                      router_logits=tuple(sink) if sink else None)
+
+    forward = __call__
+
+
+__all__ = ["UpcycleMoeForCausalLM", "UpcycleMoeBackbone", "UpcycleMoePreTrainedModel", "UpcycleMoeBlock",
+           "UpcycleMoeExpert", "UpcycleMoeExperts", "experts_weight_conversions"]
