@@ -83,25 +83,29 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/work/scratch-runner/bench"))
     ap.add_argument("--cleanup", action="store_true", help="delete the scratch folder at the end")
     ap.add_argument("--skip-split", action="store_true", help="leave out step 3")
+    ap.add_argument("--skip-smollm2", action="store_true", help="leave out step 4")
+    ap.add_argument("--layers", type=int, default=22,
+                    help="decoder layers of the synthetic model (22: TinyLlama; more: the deeper rows of the RSS table)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="a tiny synthetic model instead (checks the script)")
     args = ap.parse_args()
-    synth = argparse.Namespace(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+    synth = argparse.Namespace(hidden=2048, intermediate=5632, layers=args.layers, heads=32, kv_heads=4, vocab=32000)
     if args.smoke:
         synth = argparse.Namespace(hidden=128, intermediate=352, layers=3, heads=4, kv_heads=2, vocab=32000)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     rows, results = [], {"machine": machine()}
     try:
-        dense = work / "dense-1.1b"
+        size = "1.1B" if synth.layers == 22 else f"{synth.layers}-layer"
+        dense = work / f"dense-{size.lower()}"
         params = write_synthetic(dense, synth)
         words = save_word_tokenizer(dense, synth.vocab)
         results["dense_params"] = params
 
-        moe = work / "moe-1.1b-x8"
+        moe = work / f"moe-{size.lower()}-x8"
         shutil.rmtree(moe, ignore_errors=True)
-        rows.append(run(["convert", str(dense), str(moe), "-e", "8", "-k", "2", "--no-verify", "-q"], "convert 1.1B x8"))
-        rows.append(_verify(dense, moe, work, "verify 1.1B x8"))
+        rows.append(run(["convert", str(dense), str(moe), "-e", "8", "-k", "2", "--no-verify", "-q"], f"convert {size} x8"))
+        rows.append(_verify(dense, moe, work, f"verify {size} x8"))
         rows[-1]["wall_over_conversion"] = round(rows[-1]["wall_s"] / rows[-2]["wall_s"], 2)
         shutil.rmtree(moe)
 
@@ -109,16 +113,16 @@ def main() -> None:
             text = work / "calibration.txt"
             text.write_text("\n".join(" ".join(words[(i * 7 + j * 13) % len(words)] for j in range(40))
                                       for i in range(200)))
-            split = work / "moe-1.1b-split"
+            split = work / f"moe-{size.lower()}-split"
             shutil.rmtree(split, ignore_errors=True)
             rows.append(run(["convert", str(dense), str(split), "--method", "split", "-g", "4", "-e", "16", "-k", "8",
                              "--split-strategy", "activation", "--calibration", str(text),
-                             "--calibration-tokens", "4096", "-q", "--json"], "split 1.1B activation G=4 16e top-8"))
+                             "--calibration-tokens", "4096", "-q", "--json"], f"split {size} activation G=4 16e top-8"))
             verification = json.loads((split / "upcycle_recipe.json").read_text())["upcycle"]["verification"]
             rows[-1]["verification"] = {k: verification.get(k) for k in ("passed", "max_abs_logit_diff", "comparison")}
             shutil.rmtree(split)
 
-        smol = None if args.smoke else _smollm2_gguf()
+        smol = None if args.smoke or args.skip_smollm2 else _smollm2_gguf()
         if smol is not None:
             smol_moe = work / "moe-smollm2-x8"
             shutil.rmtree(smol_moe, ignore_errors=True)
