@@ -1,0 +1,154 @@
+"""Each target's exactness-relevant settings, fast: the plan's tensors are made in memory and loaded into the
+target's transformers class (strict names), then compared with the dense model at EXACT_ATOL.
+
+Shapes are chosen so that a wrong setting shows: a fine-grained split (different experts, groups of 3
+selected whole only with top-k 3) catches a wrong expert count, top-k, expert order, packing order or
+routing-weight normalisation; a carved-out shared expert catches a wrong shared-expert gate scale. The
+target classes' own defaults (8 experts, top-2, ...) differ from the values used here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import EXACT_ATOL, convert_in_memory, logit_diff, tiny_dense
+
+from upcycle.errors import UnsupportedArchitectureError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: (family, target) for every registered target but the bundled one, which follows
+CASES = [("llama", "mixtral"), ("phi3", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe"),
+         ("qwen3", "dots1"), ("granite", "granitemoe"), ("granite", "granitemoeshared"),
+         ("ernie4_5", "ernie4_5_moe"), ("hunyuan_v1_dense", "hunyuan_v1_moe"), ("cohere2", "cohere2_moe"),
+         ("olmo2", "flex_olmo"), ("llama", "upcycle"), ("phi3", "upcycle"), ("gpt2", "upcycle")]
+
+_DENSE: dict[str, torch.nn.Module] = {}
+
+
+def dense(family: str) -> torch.nn.Module:
+    if family not in _DENSE:
+        _DENSE[family] = tiny_dense(family)
+    return _DENSE[family]
+
+
+def test_every_target_is_covered():
+    from upcycle.targets import all_targets
+
+    assert {t for _, t in CASES} == set(all_targets())
+
+
+@pytest.mark.parametrize("family,target", CASES)
+def test_fine_grained_split_is_exact(tmp_path, family, target):
+    """Six different experts of a third of the FFN, top-3: exact only when the target selects whole groups
+    (the right top-k and expert order) and adds them with weights renormalised to one."""
+    model = dense(family)
+    plan, moe = convert_in_memory(model, tmp_path, target=target, method="split", granularity=3,
+                                  num_experts=6, top_k=3)
+    assert plan.target.name == target and plan.exact
+    assert plan.expert_size == 32 and len(plan.layers[0].experts) == 6
+    assert logit_diff(model, moe) <= EXACT_ATOL
+
+
+@pytest.mark.parametrize("family,target", CASES)
+def test_replicate_top1_is_exact(tmp_path, family, target):
+    """Three copies of the FFN, top-1: the single selected expert's weight must be renormalised to one."""
+    model = dense(family)
+    plan, moe = convert_in_memory(model, tmp_path, target=target, num_experts=3, top_k=1)
+    assert plan.exact
+    assert logit_diff(model, moe) <= EXACT_ATOL
+
+
+@pytest.mark.parametrize("family,target", [("qwen2", "qwen2_moe"), ("llama", "upcycle")])
+def test_carved_out_shared_expert_is_exact(tmp_path, family, target):
+    """A shared expert carved out of the FFN: qwen2_moe gates it with sigmoid(0) = 1/2 (so its down
+    projection is doubled), the bundled model adds it ungated."""
+    model = dense(family)
+    plan, moe = convert_in_memory(model, tmp_path, target=target, method="split", granularity=4,
+                                  shared_experts=1, num_experts=6, top_k=3)
+    assert plan.exact and plan.shared_size == 24
+    assert logit_diff(model, moe) <= EXACT_ATOL
+
+
+def test_wrong_shared_gate_scale_is_caught(tmp_path, monkeypatch):
+    """The check above can fail: a shared expert scaled 1.0 behind qwen2_moe's 1/2 gate is not exact."""
+    import dataclasses
+
+    import upcycle.targets.qwen2_moe as qwen2_moe
+
+    monkeypatch.setattr(qwen2_moe, "TARGET", dataclasses.replace(qwen2_moe.TARGET, shared_expert_scale=1.0))
+    model = dense("qwen2")
+    _, moe = convert_in_memory(model, tmp_path, target="qwen2_moe", method="split", granularity=4,
+                               shared_experts=1, num_experts=6, top_k=3)
+    assert logit_diff(model, moe) > 1e-3
+
+
+@pytest.mark.parametrize("family,target", [("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe"),
+                                           ("cohere2", "cohere2_moe"), ("llama", "upcycle")])
+def test_layer_subset_is_exact(tmp_path, family, target):
+    """--layers 1: the other layers stay dense MLPs (mlp_only_layers, mlp_layer_types, moe_layers)."""
+    model = dense(family)
+    plan, moe = convert_in_memory(model, tmp_path, target=target, layers="1", method="split", granularity=3,
+                                  num_experts=6, top_k=3)
+    assert plan.moe_layers == [1] and plan.dense_layers == [0, 2]
+    assert logit_diff(model, moe) <= EXACT_ATOL
+
+
+@pytest.mark.parametrize("family,target", [("llama", "mixtral"), ("granite", "granitemoe"), ("olmo2", "flex_olmo"),
+                                           ("ernie4_5", "ernie4_5_moe"), ("hunyuan_v1_dense", "hunyuan_v1_moe")])
+def test_targets_without_layer_subsets_refuse_them(family, target):
+    from upcycle.convert import build_recipe
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    cfg = dense(family).config.to_dict()
+    with pytest.raises(UnsupportedArchitectureError, match="cannot keep layers dense"):
+        choose_target(target, family_for_model_type(cfg["model_type"]), cfg, build_recipe(None, layers="1"), 3)
+
+
+@pytest.mark.parametrize("family,overrides,fragment", [
+    ("llama", {"attention_bias": True}, "attention has biases"),
+    ("llama", {"mlp_bias": True}, "MLP has biases"),
+    ("qwen3", {"layer_types": ["sliding_attention", "full_attention", "full_attention"],
+               "use_sliding_window": True, "sliding_window": 4}, "mixes sliding-window"),
+    ("ernie4_5", {"use_bias": True}, "use_bias"),
+])
+def test_auto_falls_back_when_the_native_target_is_not_exact(family, overrides, fragment):
+    """A dense config the native target cannot reproduce: naming the target is refused with the reason,
+    --target auto picks another exact target (the bundled model, or dots1 for mixed qwen3 layers)."""
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    fam = family_for_model_type(family)
+    cfg = {**dense(family).config.to_dict(), **overrides}
+    with pytest.raises(UnsupportedArchitectureError, match=fragment):
+        choose_target(fam.native_target, fam, cfg)
+    assert choose_target("auto", fam, cfg).name != fam.native_target
+
+
+def test_partial_rotary_is_refused_by_native_targets():
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    fam = family_for_model_type("llama")
+    base = dense("llama").config.to_dict()
+    for cfg in ({**base, "partial_rotary_factor": 0.5},
+                {**base, "rope_parameters": {**base["rope_parameters"], "partial_rotary_factor": 0.5}}):
+        with pytest.raises(UnsupportedArchitectureError, match="partial rotary"):
+            choose_target("mixtral", fam, cfg)
+        assert choose_target("auto", fam, cfg).name == "upcycle"
+    assert choose_target("auto", fam, {**base, "partial_rotary_factor": 1.0}).name == "mixtral"
+
+
+def test_auto_picks_the_native_target_and_unknown_targets_are_refused():
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    for family in ("llama", "qwen2", "qwen3", "granite", "cohere2", "olmo2", "gpt2"):
+        fam = family_for_model_type(family)
+        cfg = dense(family).config.to_dict()
+        assert choose_target("auto", fam, cfg).name == (fam.native_target or "upcycle")
+    fam = family_for_model_type("llama")
+    with pytest.raises(UnsupportedArchitectureError, match="unknown target 'nope'"):
+        choose_target("nope", fam, dense("llama").config.to_dict())
+    with pytest.raises(UnsupportedArchitectureError, match="does not take the 'llama' family"):
+        choose_target("qwen2_moe", fam, dense("llama").config.to_dict())
