@@ -148,6 +148,12 @@ def test_output_dtype_auto_weighs_bytes_not_tensor_count():
     assert _output_dtype(recipe, infos) == "float16"
     assert _output_dtype(recipe, {"ids": infos["ids"]}) == "float32"
     assert _output_dtype(build_recipe(None, dtype="bfloat16"), infos) == "bfloat16"
+    # three fp32 tensors of 400 bytes outweigh one fp16 tensor of 600: the sum counts, not the largest
+    infos = {"h": TensorInfo(Path("x"), torch.float16, (300,)),
+             **{f"s{i}": TensorInfo(Path("x"), torch.float32, (100,)) for i in range(3)}}
+    assert _output_dtype(recipe, infos) == "float32"
+    # a source dtype the output cannot take (float64) falls back to float32
+    assert _output_dtype(recipe, {"d": TensorInfo(Path("x"), torch.float64, (10,))}) == "float32"
 
 
 def test_explicit_dtype_casts_floats_and_keeps_integer_tensors():
@@ -179,6 +185,7 @@ def test_mlp_biases_need_a_target_that_holds_them():
 def test_shared_expert_width():
     plan = plan_for("qwen2", num_experts=6, top_k=3, method="split", granularity=4, shared_experts=1)
     assert plan.shared_size == 24 and plan.summary()["shared_expert_size"] == 24
+    assert type(plan.shared_size) is int   # written into config.json as a layer width
     assert plan.expert_size == 24
     assert plan_for("qwen2", num_experts=4, top_k=2).shared_size == 0
 
@@ -195,6 +202,71 @@ def test_shared_expert_width_from_layer_experts():
     plan = make_plan(config, infos, build_recipe(None, num_experts=2, top_k=1, target="upcycle"),
                      layer_experts=experts)
     assert plan.shared_size == 48
+
+    def whole(ctx):   # a shared expert that is the whole FFN (no neuron list)
+        return LayerExperts([ExpertSlice() for _ in range(2)], [0, 1], shared=ExpertSlice())
+
+    plan = make_plan(config, infos, build_recipe(None, num_experts=2, top_k=1, target="upcycle"), layer_experts=whole)
+    assert plan.shared_size == 96
+
+
+def test_the_method_sees_its_layer_sizes_options_generator_and_data():
+    """What ``make_plan`` hands each layer's expert method (here a recording one, as ``upcycle merge`` does)."""
+    from upcycle.layer_data import LayerData
+    from upcycle.tensors import ExpertSlice, LayerExperts, layer_generator
+
+    config, _, infos = dense("llama")
+    seen = {}
+    stats = {layer: LayerData(weight=None, activation_energy=torch.full((96,), float(layer))) for layer in range(3)}
+
+    def record(ctx):
+        seen[ctx.layer] = (ctx, int(torch.randint(2**62, (1,), generator=ctx.generator)))
+        return LayerExperts([ExpertSlice() for _ in range(3)], [0, 1, 2])
+
+    recipe = build_recipe(None, num_experts=3, top_k=2, seed=9, target="upcycle")
+    make_plan(config, infos, recipe, data=stats.__getitem__, layer_experts=record)
+    assert sorted(seen) == [0, 1, 2]
+    for layer, (ctx, draw) in seen.items():
+        assert (ctx.dense_size, ctx.hidden_size, ctx.num_experts, ctx.top_k) == (96, 64, 3, 2)
+        assert ctx.data is stats[layer] and ctx.options == recipe.method_options
+        assert draw == int(torch.randint(2**62, (1,), generator=layer_generator(9, layer, 0)))  # stream 0
+
+
+def test_noise_is_planned_per_expert_from_the_noise_stream():
+    from upcycle.tensors import layer_generator
+
+    plan = plan_for(num_experts=3, top_k=2, noise_std=0.01, seed=4, allow_inexact=True)
+    for layer in range(3):
+        gen = layer_generator(4, layer, 2)
+        experts = plan.layers[layer].experts
+        assert [e.noise_std for e in experts] == [0.01] * 3 and not plan.layers[layer].exact
+        assert [e.seed for e in experts] == [int(torch.randint(2**62, (1,), generator=gen)) for _ in range(3)]
+
+
+def test_targets_adjust_hook_runs_at_planning():
+    """granitemoeshared gives its shared MLP half of a full-width FFN: every routed expert is planned at half."""
+    plan = plan_for("granite", num_experts=2, top_k=1, target="granitemoeshared")
+    assert [e.down_scale for layer in plan.layers.values() for e in layer.experts] == [0.5] * 6
+
+
+def test_layer_subset_refused_by_a_target_without_dense_layers():
+    from upcycle.errors import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match="cannot keep layers dense"):
+        plan_for(num_experts=2, top_k=1, layers="1", target="mixtral")
+    with pytest.raises(UnsupportedArchitectureError, match="--shared-experts: mixtral has no shared expert"):
+        plan_for(num_experts=3, top_k=3, method="split", granularity=4, shared_experts=1, target="mixtral")
+
+
+def test_config_without_model_type_or_tie_flag():
+    from upcycle.errors import UnsupportedArchitectureError
+
+    config, _, infos = dense("mistral")
+    cfg = {k: v for k, v in config.to_dict().items() if k != "tie_word_embeddings"}
+    assert "lm_head.weight" in names(make_plan(cfg, infos, build_recipe(None, num_experts=2, top_k=1)))  # untied
+    cfg.pop("model_type")
+    with pytest.raises(UnsupportedArchitectureError):
+        make_plan(cfg, infos, build_recipe(None, num_experts=2, top_k=1))
 
 
 def test_fused_tensors_kept_for_the_bundled_target_only():
@@ -226,3 +298,64 @@ def test_router_tensor_is_made_in_the_plan_dtype_per_layer_and_seed():
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], other[0])
     assert first[0].shape == (4, 64) and 0.3 < float(first[0].std()) < 0.7
     assert routers(dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
+def _router(plan, state, layer: int) -> torch.Tensor:
+    from upcycle.tensors import SourceCache
+
+    name = plan.target.layout.router_name(plan, layer)
+    return plan.tensors[names(plan).index(name)].make(SourceCache(state.__getitem__))
+
+
+def test_router_stream_is_the_documented_one():
+    """The random router of layer L is drawn from stream 1 of (seed, L): the same recipe gives the same
+    checkpoint across versions (stream 0 is the method's, 2 the noise's)."""
+    from upcycle.routers import RouterContext, get_router_init
+    from upcycle.tensors import layer_generator
+
+    _, state, _ = dense("llama")
+    plan = plan_for(num_experts=4, top_k=2, seed=5, router_std=0.1)
+    for layer in (0, 2):
+        ctx = RouterContext(layer, 64, plan.layers[layer].groups, layer_generator(5, layer, 1), 0.1,
+                            experts=plan.layers[layer])
+        assert torch.equal(_router(plan, state, layer), get_router_init("normal").build(ctx))
+
+
+def test_centroid_router_reads_its_own_layer_and_experts():
+    """Centroid rows point along the mean dense gate row of each expert's neurons, of that layer."""
+    _, state, _ = dense("llama")
+    plan = plan_for(num_experts=4, top_k=2, method="split", granularity=2, router_init="centroid",
+                    allow_inexact=True)
+    for layer in range(3):
+        gate = state[f"model.layers.{layer}.mlp.gate_proj.weight"]
+        rows = _router(plan, state, layer)
+        for e, sl in enumerate(plan.layers[layer].experts):
+            want = gate[sl.neurons].mean(0)
+            assert float(torch.nn.functional.cosine_similarity(rows[e], want, dim=0)) > 0.9999, (layer, e)
+
+
+def test_router_statistics_come_from_the_planning_data_and_weights_from_the_checkpoint():
+    """With calibration statistics (``data``), the k-means router takes that layer's centroids, and a
+    router that reads weights reads them from the checkpoint, not from the statistics."""
+    from upcycle.layer_data import LayerData
+
+    config, state, infos = dense("llama")
+    centroids = {layer: torch.randn(4, 64, generator=torch.Generator().manual_seed(layer)) for layer in range(3)}
+
+    def no_weights(proj):
+        raise AssertionError("weights must come from the checkpoint")
+
+    def data(layer):
+        return LayerData(weight=no_weights, hidden_centroids=centroids[layer])
+
+    plan = make_plan(config, infos, build_recipe(None, num_experts=4, top_k=2, router_init="kmeans", calibration="unread.txt"), data=data)
+    for layer in range(3):
+        rows = _router(plan, state, layer)
+        cos = torch.nn.functional.cosine_similarity(rows, centroids[layer], dim=1)
+        assert float(cos.min()) > 0.9999, layer
+    plan = make_plan(config, infos, build_recipe(None, num_experts=4, top_k=2, method="split", granularity=2,
+                                                 router_init="centroid", allow_inexact=True), data=data)
+    assert _router(plan, state, 1).shape == (4, 64)
+    plan = make_plan(config, infos, build_recipe(None, num_experts=4, top_k=2, router_init="kmeans", calibration="unread.txt"))
+    with pytest.raises(ValueError, match="layer 1: hidden-state centroids"):
+        _router(plan, state, 1)
