@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import EXACT_ATOL, convert_in_memory, logit_diff, tiny_dense
+from factories import EXACT_ATOL, convert_in_memory, logit_diff, state_infos, tiny_dense
 
 from upcycle.errors import UnsupportedArchitectureError
 
@@ -152,3 +152,137 @@ def test_auto_picks_the_native_target_and_unknown_targets_are_refused():
         choose_target("nope", fam, dense("llama").config.to_dict())
     with pytest.raises(UnsupportedArchitectureError, match="does not take the 'llama' family"):
         choose_target("qwen2_moe", fam, dense("llama").config.to_dict())
+
+
+#: settings each target must write itself (not leave to the config class's defaults, which a transformers
+#: release may change): routing that renormalises top-k over one group, no scaling, every layer MoE, and no
+#: router logits in the forward output (the trainer adds its own router losses)
+EXPLICIT = {
+    "mixtral": {"router_jitter_noise": 0.0},
+    "qwen2_moe": {"norm_topk_prob": True, "decoder_sparse_step": 1},
+    "qwen3_moe": {"norm_topk_prob": True, "decoder_sparse_step": 1},
+    "dots1": {"n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+              "first_k_dense_replace": 0, "intermediate_size": 96},
+    "ernie4_5_moe": {"moe_num_shared_experts": 0, "moe_layer_start_index": 0, "moe_layer_end_index": 2,
+                     "moe_layer_interval": 1, "intermediate_size": 96},
+    "cohere2_moe": {"num_shared_experts": 0, "expert_selection_fn": "softmax", "norm_topk_prob": True,
+                    "prefix_dense_sliding_window_pattern": 0, "prefix_dense_intermediate_size": 96},
+    "flex_olmo": {"norm_topk_prob": True},
+    "granitemoe": {}, "granitemoeshared": {}, "hunyuan_v1_moe": {},
+}
+
+
+@pytest.mark.parametrize("family,target", [c for c in CASES if c[1] != "upcycle" and c[0] != "phi3"])
+def test_exactness_settings_are_written_explicitly(family, target):
+    from upcycle.convert import build_recipe
+    from upcycle.plan import make_plan
+
+    model = dense(family)
+    plan = make_plan(model.config, state_infos(model.state_dict()), build_recipe(None, target=target, num_experts=6,
+                                                                                  top_k=3))
+    written = plan.target.moe_config(plan)
+    want = {**EXPLICIT[target], "output_router_logits": False}
+    assert {k: written.get(k, "<absent>") for k in want} == want
+    assert 6 in written.values() and 3 in written.values()   # expert count and top-k, under the class's names
+
+
+def test_auto_candidates_in_order():
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import auto_candidates
+
+    def names(family):
+        return [t.name for t in auto_candidates(family_for_model_type(family))]
+
+    assert names("qwen3") == ["qwen3_moe", "dots1", "upcycle"]
+    assert names("llama") == ["mixtral", "upcycle"]
+    assert names("granite") == ["granitemoe", "granitemoeshared", "upcycle"]
+    assert names("gpt2") == ["upcycle"]
+
+
+def test_mixed_sliding_qwen3_goes_to_dots1():
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    cfg = {**dense("qwen3").config.to_dict(), "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+           "use_sliding_window": True, "sliding_window": 4}
+    assert choose_target("auto", family_for_model_type("qwen3"), cfg).name == "dots1"
+
+
+def test_native_reason():
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import native_reason
+
+    llama = family_for_model_type("llama")
+    cfg = dense("llama").config.to_dict()
+    assert native_reason(llama, cfg) is None
+    assert "attention has biases" in native_reason(llama, {**cfg, "attention_bias": True})
+    assert native_reason(family_for_model_type("gpt2"), {}) == \
+        "no native transformers MoE architecture matches the 'gpt2' family"
+
+
+def test_layout_descriptions():
+    from upcycle.targets import all_targets
+
+    targets = all_targets()
+    assert targets["mixtral"].layout.describe() == "`model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight`"
+    assert targets["granitemoe"].layout.describe() == (
+        "packed: `model.layers.N.block_sparse_moe.input_linear.weight` = gate + up of all experts; "
+        "`model.layers.N.block_sparse_moe.output_linear.weight` = down of all experts")
+
+
+def test_bundled_model_writes_its_code(tmp_path):
+    """The bundled target's extra files are the self-contained modeling sources, byte for byte."""
+    from upcycle.modeling import remote_code_sources
+    from upcycle.targets import all_targets
+
+    plan, _ = convert_in_memory(dense("llama"), tmp_path / "moe", target="upcycle", num_experts=2, top_k=1)
+    out = tmp_path / "code"
+    out.mkdir()
+    written = all_targets()["upcycle"].write_extra_files(out, plan)
+    sources = remote_code_sources()
+    assert written == list(sources) and len(written) >= 2
+    assert all((out / name).read_bytes() == sources[name].read_bytes() for name in written)
+    assert all(t.write_extra_files(out, plan) == [] for name, t in all_targets().items() if name != "upcycle")
+
+
+def test_packed_experts_count_as_routed():
+    """granitemoe's packed [E, ...] tensors are the routed experts: active parameters count top-k of them."""
+    from upcycle.convert import build_recipe
+    from upcycle.plan import make_plan
+
+    model = dense("granite")
+    plan = make_plan(model.config, state_infos(model.state_dict()), build_recipe(None, num_experts=4, top_k=1))
+    packed = [t for t in plan.tensors if "_linear." in t.spec.name]
+    assert len(packed) == 6 and all(t.expert_of == int(t.spec.name.split(".")[2]) for t in packed)
+    routed = sum(t.spec.numel for t in packed)
+    assert plan.active_params == plan.total_params - routed + routed // 4
+
+
+@pytest.mark.parametrize("target,family,fragment", [
+    ("hunyuan_v1_moe", "hunyuan_v1_dense", r"shared_mlp is as wide as one expert \(96\); the shared expert has 48"),
+    ("dots1", "qwen3", r"dots1.s shared MLP is a multiple of the expert width \(96\); the shared expert has 48 neurons"),
+])
+def test_shared_slice_of_another_width_is_refused(target, family, fragment):
+    """``upcycle merge`` may hand a target a shared slice that its config cannot express: refused, not
+    written with the wrong width."""
+    from upcycle.convert import build_recipe
+    from upcycle.errors import RecipeError
+    from upcycle.plan import make_plan
+    from upcycle.tensors import ExpertSlice, LayerExperts
+
+    def experts(ctx):
+        return LayerExperts([ExpertSlice(), ExpertSlice()], [0, 1], shared=ExpertSlice(neurons=torch.arange(48)))
+
+    model = dense(family)
+    with pytest.raises(RecipeError, match=fragment):
+        plan = make_plan(model.config, state_infos(model.state_dict()),
+                         build_recipe(None, target=target, num_experts=2, top_k=1), layer_experts=experts)
+        plan.target.build_config(plan)
+
+
+def test_ernie_without_use_bias_key_is_taken():
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    cfg = {k: v for k, v in dense("ernie4_5").config.to_dict().items() if k != "use_bias"}
+    assert choose_target("ernie4_5_moe", family_for_model_type("ernie4_5"), cfg).name == "ernie4_5_moe"

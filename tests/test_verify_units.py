@@ -238,3 +238,19 @@ def test_read_prompts(tmp_path):
 
 def test_default_tolerances():
     assert v.DEFAULT_ATOL == {"float32": 1e-3, "float16": 0.25, "bfloat16": 0.5}
+
+
+def test_route_all_to_expert_makes_every_expert_that_one():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=3))
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 3 and p.shape[0] == 3}
+    assert len(packed) == 4   # gate_up and down of two layers
+    v.route_all_to_expert(model, 2)
+    for name, param in model.named_parameters():
+        if name in packed:
+            assert all(torch.equal(param[e], packed[name][2]) for e in range(3)), name
+    with pytest.raises(RecipeError, match="the MoE has 3 experts"):
+        v.route_all_to_expert(model, 3)
