@@ -66,6 +66,9 @@ def test_split_selection_line_only_when_some_split():
     assert text.endswith("\n  router: 7 of 168 selections split a virtual group (router logits of different "
                          "groups tie in bfloat16; see docs/methods.md)")
     assert "router:" not in v.report_text(report(split_selections=0, router_selections=168))
+    layers = [{"layer": 0, "max_abs_diff": 0.5, "finite": True}]
+    both = v.report_text(report(per_layer=layers, split_selections=7, router_selections=168))
+    assert "\n  per layer: largest |Δhidden| 0.5 after layer 0 of 1\n  router: 7 of 168" in both
 
 
 def test_to_dict_has_every_field():
@@ -143,9 +146,11 @@ def test_forced_expert_count_reads_the_text_config_and_needs_renormalised_weight
     assert v.forced_expert_count(outer, 5) == 6
     with pytest.raises(RecipeError, match="the MoE has no experts"):
         v.forced_expert_count(_Config(hidden_size=4), 0)
-    with pytest.raises(RecipeError, match="norm_topk_prob=true"):
+    with pytest.raises(RecipeError, match=r"^--force-expert needs renormalised top-k weights \(norm_topk_prob=true\)$"):
         v.forced_expert_count(_Config(num_experts=6, norm_topk_prob=False), 1)
     assert v.forced_expert_count(_Config(num_experts=6, norm_topk_prob=None), 1) == 6  # only False refuses
+    # the count may sit on the outer config only (multimodal wrappers)
+    assert v.forced_expert_count(_Config(get_text_config=lambda: _Config(hidden_size=4), n_routed_experts=5), 4) == 5
     # the first key present wins; a zero count is absent
     assert v.forced_expert_count(_Config(num_local_experts=0, num_experts=3), 2) == 3
 
@@ -234,6 +239,8 @@ def test_read_prompts(tmp_path):
     (tmp_path / "e.txt").write_text("\n  \n")
     with pytest.raises(DataError, match="empty"):
         v.read_prompts(tmp_path / "e.txt")
+    with pytest.raises(DataError, match=r"^prompts .*missing\.txt"):   # errors name what was being read
+        v.read_prompts(tmp_path / "missing.txt")
 
 
 def test_default_tolerances():
