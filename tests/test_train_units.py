@@ -47,7 +47,8 @@ def test_a_used_output_needs_resume_or_force_and_is_left_alone(tmp_path):
     out = tmp_path / "out"
     _checkpoints(out, 2)
     (out / "model.safetensors").write_bytes(b"old")
-    with pytest.raises(OutputExistsError, match="exists and is not empty; pass --resume .* or --force"):
+    with pytest.raises(OutputExistsError, match="exists and is not empty; pass --resume to continue its last "
+                                                "checkpoint or --force to train over it$"):
         run._resume_checkpoint(out, TrainOptions())
     assert run._resume_checkpoint(out, TrainOptions(force=True)) is None   # start over, from step 0
     assert (out / "model.safetensors").read_bytes() == b"old" and (out / "checkpoints" / "checkpoint-2").is_dir()
@@ -192,3 +193,25 @@ def test_save_final_restores_the_config_and_the_dtype(tmp_path, fsdp):
     assert config["use_cache"] is True and "output_router_logits" not in vars(model.config)
     assert config["router_aux_loss_coef"] == 0.02
     assert dtype == (torch.float32 if fsdp else torch.bfloat16)   # sharded weights are saved as trained
+
+
+def test_save_final_with_lora_merges_and_saves_model_and_tokenizer(tmp_path):
+    """LoRA runs save the merged model themselves (cast back to the checkpoint's dtype) and the tokenizer."""
+    merged = _tiny_mixtral()
+    saved = []
+    wrapper = SimpleNamespace(merge_and_unload=lambda: merged)
+    trainer = SimpleNamespace(model=wrapper, accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              args=SimpleNamespace(should_save=True),
+                              processing_class=SimpleNamespace(save_pretrained=saved.append))
+    run._save_final(trainer, tmp_path, TrainOptions(lora=True), {"use_cache": True}, (0.01, 0.0), torch.bfloat16)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert saved == [tmp_path] and merged.config.use_cache is True and merged.config.router_aux_loss_coef == 0.01
+    trainer.processing_class = None   # no tokenizer: the model alone
+    run._save_final(trainer, tmp_path / "b", TrainOptions(lora=True), {}, (0.01, 0.0), None)
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    trainer.args.should_save = False  # not the main process: nothing written
+    run._save_final(trainer, tmp_path / "c", TrainOptions(lora=True), {}, (0.01, 0.0), None)
+    assert not (tmp_path / "c").exists()

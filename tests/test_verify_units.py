@@ -39,6 +39,8 @@ def test_first_broken_layer_is_named_unless_the_exact_check_passed():
     assert "first differ" not in v.report_text(report(first_broken_layer=2))  # passed: within the tolerance
     assert "first differ" not in v.report_text(report(passed=False))
     assert "after layer 0" in v.report_text(report(passed=False, first_broken_layer=0))
+    assert v.report_text(report(passed=False, first_broken_layer=2)).startswith(
+        "FAIL: exact recipe but logits differ; hidden states first differ after layer 2\n")
 
 
 def test_report_lines():
