@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [("llama", "mixtral"), ("phi3", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe"),
          ("qwen3", "dots1"), ("granite", "granitemoe"), ("granite", "granitemoeshared"),
          ("ernie4_5", "ernie4_5_moe"), ("hunyuan_v1_dense", "hunyuan_v1_moe"), ("cohere2", "cohere2_moe"),
-         ("olmo2", "flex_olmo"), ("llama", "upcycle"), ("phi3", "upcycle"), ("gpt2", "upcycle")]
+         ("olmo2", "flex_olmo"), ("llama", "upcycle"), ("phi3", "upcycle"), ("gpt2", "upcycle"),
+         ("qwen2", "upcycle")]   # qwen2: attention biases but none in the MLP
 
 _DENSE: dict[str, torch.nn.Module] = {}
 
@@ -58,14 +59,15 @@ def test_replicate_top1_is_exact(tmp_path, family, target):
     assert logit_diff(model, moe) <= EXACT_ATOL
 
 
-@pytest.mark.parametrize("family,target", [("qwen2", "qwen2_moe"), ("llama", "upcycle")])
+@pytest.mark.parametrize("family,target", [("qwen2", "qwen2_moe"), ("llama", "upcycle"), ("gpt2", "upcycle")])
 def test_carved_out_shared_expert_is_exact(tmp_path, family, target):
     """A shared expert carved out of the FFN: qwen2_moe gates it with sigmoid(0) = 1/2 (so its down
-    projection is doubled), the bundled model adds it ungated."""
+    projection is doubled), the bundled model adds it ungated; with MLP biases (gpt2) the dense down bias
+    goes to the routed experts only (their weights sum to one), the shared expert's is zero."""
     model = dense(family)
     plan, moe = convert_in_memory(model, tmp_path, target=target, method="split", granularity=4,
                                   shared_experts=1, num_experts=6, top_k=3)
-    assert plan.exact and plan.shared_size == 24
+    assert plan.exact and plan.shared_size == plan.dense_size // 4
     assert logit_diff(model, moe) <= EXACT_ATOL
 
 
@@ -159,8 +161,8 @@ def test_auto_picks_the_native_target_and_unknown_targets_are_refused():
 #: router logits in the forward output (the trainer adds its own router losses)
 EXPLICIT = {
     "mixtral": {"router_jitter_noise": 0.0},
-    "qwen2_moe": {"norm_topk_prob": True, "decoder_sparse_step": 1},
-    "qwen3_moe": {"norm_topk_prob": True, "decoder_sparse_step": 1},
+    "qwen2_moe": {"norm_topk_prob": True, "decoder_sparse_step": 1, "intermediate_size": 96},
+    "qwen3_moe": {"norm_topk_prob": True, "decoder_sparse_step": 1, "intermediate_size": 96},
     "dots1": {"n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
               "first_k_dense_replace": 0, "intermediate_size": 96},
     "ernie4_5_moe": {"moe_num_shared_experts": 0, "moe_layer_start_index": 0, "moe_layer_end_index": 2,
@@ -286,3 +288,35 @@ def test_ernie_without_use_bias_key_is_taken():
 
     cfg = {k: v for k, v in dense("ernie4_5").config.to_dict().items() if k != "use_bias"}
     assert choose_target("ernie4_5_moe", family_for_model_type("ernie4_5"), cfg).name == "ernie4_5_moe"
+
+
+def test_bundled_experts_count_as_routed_and_keep_the_dropout():
+    from upcycle.convert import build_recipe
+    from upcycle.plan import make_plan
+
+    model = dense("gpt2")
+    plan = make_plan(model.config, state_infos(model.state_dict()), build_recipe(None, num_experts=4, top_k=1))
+    routed = [t for t in plan.tensors if ".experts." in t.spec.name]
+    assert {t.spec.name.rsplit(".", 1)[1] for t in routed} == {"weight", "bias"}
+    assert all(t.expert_of == int(t.spec.name.split(".")[2]) for t in routed)
+    total = sum(t.spec.numel for t in routed)
+    assert plan.active_params == plan.total_params - total + total // 4
+    config = plan.target.build_config(plan)
+    assert config.mlp_dropout == model.config.resid_pdrop == 0.1 and config.mlp_bias is True
+
+
+def test_bundled_model_needs_one_shared_width():
+    from upcycle.convert import build_recipe
+    from upcycle.errors import RecipeError
+    from upcycle.plan import make_plan
+    from upcycle.tensors import ExpertSlice, LayerExperts
+
+    def experts(ctx):   # a shared expert of 24 neurons in layer 0, of 48 elsewhere
+        return LayerExperts([ExpertSlice(), ExpertSlice()], [0, 1],
+                            shared=ExpertSlice(neurons=torch.arange(24 if ctx.layer == 0 else 48)))
+
+    model = dense("llama")
+    plan = make_plan(model.config, state_infos(model.state_dict()),
+                     build_recipe(None, target="upcycle", num_experts=2, top_k=1), layer_experts=experts)
+    with pytest.raises(RecipeError, match=r"^the upcycle target needs one shared-expert width, got \[24, 48\]$"):
+        plan.target.build_config(plan)
