@@ -62,6 +62,19 @@ def test_perturbed_layer_is_named(tmp_path, pair):
     assert text.exit_code == 1 and "first differ after layer 3" in text.stdout
 
 
+def test_atol_decides_the_verdict(tmp_path, pair):
+    """The same broken expert passes under a tolerance above its logit difference and fails under one below."""
+    dense, moe = pair
+    bad = _edited(moe, tmp_path / "bad", EXPERT.format(i=3), lambda t: t * 1.5)
+    report = verify(dense, bad, max_new_tokens=0, quiet=True)
+    diff = report.max_abs_logit_diff
+    assert report.atol == 1e-3 and diff > 1e-3 and not report.passed
+    loose = verify(dense, bad, max_new_tokens=0, quiet=True, atol=2 * diff)
+    assert loose.atol == 2 * diff and loose.passed and loose.first_broken_layer is None
+    strict = verify(dense, moe, max_new_tokens=0, quiet=True, atol=1e-9)
+    assert strict.atol == 1e-9 and not strict.passed
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_router_fails(tmp_path, pair, value):
     dense, moe = pair
