@@ -320,3 +320,32 @@ def test_bundled_model_needs_one_shared_width():
                      build_recipe(None, target="upcycle", num_experts=2, top_k=1), layer_experts=experts)
     with pytest.raises(RecipeError, match=r"^the upcycle target needs one shared-expert width, got \[24, 48\]$"):
         plan.target.build_config(plan)
+
+
+def test_per_expert_tensors_count_as_routed():
+    from upcycle.convert import build_recipe
+    from upcycle.plan import make_plan
+
+    model = dense("llama")
+    plan = make_plan(model.config, state_infos(model.state_dict()), build_recipe(None, num_experts=4, top_k=1))
+    routed = [t for t in plan.tensors if ".experts." in t.spec.name]
+    assert len(routed) == 3 * 4 * 3 and all(t.expert_of == int(t.spec.name.split(".")[2]) for t in routed)
+
+
+def test_native_config_drops_the_dense_identity():
+    """Keys that name the dense model, its code or its path must not reach the MoE's config: an ``auto_map``
+    would load the dense remote code, a ``model_type`` the dense class."""
+    from upcycle.convert import build_recipe
+    from upcycle.plan import make_plan
+
+    model = dense("llama")
+    cfg = {**model.config.to_dict(), "auto_map": {"AutoModelForCausalLM": "dense.Model"},
+           "_name_or_path": "/home/someone/dense", "transformers_version": "0.0.1", "dtype": "bfloat16",
+           "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16"}
+    plan = make_plan(cfg, state_infos(model.state_dict()), build_recipe(None, num_experts=4, top_k=1,
+                                                                         dtype="float32"))
+    written = plan.target.build_config(plan).to_dict()
+    assert written["model_type"] == "mixtral" and written["architectures"] == ["MixtralForCausalLM"]
+    assert "auto_map" not in written and written.get("_name_or_path", "") != "/home/someone/dense"
+    assert written.get("transformers_version") != "0.0.1" and written["dtype"] == "float32"
+    assert "torch_dtype" not in written or written["torch_dtype"] == "float32"
