@@ -349,3 +349,35 @@ def test_native_config_drops_the_dense_identity():
     assert "auto_map" not in written and written.get("_name_or_path", "") != "/home/someone/dense"
     assert written.get("transformers_version") != "0.0.1" and written["dtype"] == "float32"
     assert "torch_dtype" not in written or written["torch_dtype"] == "float32"
+
+
+def test_refusal_reasons_name_the_target_and_families():
+    from upcycle.convert import build_recipe
+    from upcycle.families import family_for_model_type
+    from upcycle.targets import choose_target
+
+    llama = family_for_model_type("llama")
+    cfg = dense("llama").config.to_dict()
+    with pytest.raises(UnsupportedArchitectureError, match=r"the dense MLP has biases \(mlp_bias=true\), which "
+                                                           r"mixtral experts cannot hold$"):
+        choose_target("mixtral", llama, {**cfg, "mlp_bias": True})
+    # with a recipe too: the family check is not overridden by the layout check
+    with pytest.raises(UnsupportedArchitectureError, match=r"does not take the 'llama' family \(it takes: qwen2\)$"):
+        choose_target("qwen2_moe", llama, cfg, build_recipe(None), 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bundled_config_settings(family):
+    from upcycle.convert import build_recipe
+    from upcycle.families import family_for_model_type
+    from upcycle.plan import make_plan
+
+    model = dense(family)
+    cfg = {**model.config.to_dict(), "resid_pdrop": 0.0} if family == "gpt2" else model.config.to_dict()
+    plan = make_plan(cfg, state_infos(model.state_dict()), build_recipe(None, target="upcycle", num_experts=4,
+                                                                         top_k=2, dtype="bfloat16"))
+    config = plan.target.build_config(plan)
+    assert config.architectures == ["UpcycleMoeForCausalLM"] and config.dtype == "bfloat16"
+    assert config.norm_topk_prob is True and config.router_type == "softmax" and config.mlp_dropout == 0.0
+    assert config.hidden_act == family_for_model_type(family).activation(cfg)
+    assert config.tie_word_embeddings is bool(cfg.get("tie_word_embeddings"))
