@@ -83,8 +83,7 @@ cd "$work"
 unset PYTHONPATH   # the mutated copy under mutants/ must be the one imported
 export OMP_NUM_THREADS=1
 # MUTATION_CHILDREN: parallel mutants (default 1: a shared 2-core machine); MUTATION_ONLY: mutant-name globs
-# (e.g. 'upcycle.train.run.x__resume_checkpoint__mutmut_*') to mutate only the functions named
-# shellcheck disable=SC2086
+# (e.g. 'upcycle.train.run.x__resume_checkpoint__*') replace the target's own list; the run then skips the rest
 if [ -n "${MUTATION_ONLY:-}" ]; then read -r -a only <<< "$MUTATION_ONLY"; fi
 nice -n 10 mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${only[@]}" || true
 mutmut results --all true > results.txt || mutmut results > results.txt
