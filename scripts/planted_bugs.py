@@ -34,6 +34,7 @@ class Bug:
 
 
 EXACTNESS = "tests/test_exactness.py"
+TARGETS = "tests/test_target_units.py"
 BUGS = [
     Bug("verify: max without abs", "upcycle/verify.py", "(a - b).abs().max()", "(a - b).max()",
         ("tests/test_inspect_verify.py::test_verify_catches_a_uniform_logit_shift",)),
@@ -79,6 +80,38 @@ BUGS = [
     Bug("bundled model: top-k not renormalised", "upcycle/targets/upcycle.py",
         "norm_topk_prob=True", "norm_topk_prob=False",
         (f"{EXACTNESS}::test_one_expert_off_by_1e3_is_caught[gpt2]",)),
+    # the layouts are module-level data, which mutmut does not mutate (it mutates inside functions only)
+    Bug("mixtral: gate and up names swapped", "upcycle/targets/mixtral.py",
+        'proj_names={"gate": "w1", "up": "w3", "down": "w2"}', 'proj_names={"gate": "w3", "up": "w1", "down": "w2"}',
+        (f"{TARGETS}::test_fine_grained_split_is_exact[llama-mixtral]",)),
+    Bug("per-expert layout: gate and up names swapped", "upcycle/targets/base.py",
+        'proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}',
+        'proj_names={"gate": "up_proj", "up": "gate_proj", "down": "down_proj"}',
+        (f"{TARGETS}::test_fine_grained_split_is_exact[qwen3-qwen3_moe]",)),
+    Bug("granitemoe: up packed before gate", "upcycle/targets/granitemoe.py",
+        '"model.layers.{i}.block_sparse_moe.input_linear.weight": ("gate", "up")',
+        '"model.layers.{i}.block_sparse_moe.input_linear.weight": ("up", "gate")',
+        (f"{TARGETS}::test_fine_grained_split_is_exact[granite-granitemoe]",)),
+    Bug("granitemoeshared: shared MLP packs up before gate", "upcycle/targets/granitemoeshared.py",
+        '"model.layers.{i}.shared_mlp.input_linear.weight": ("gate", "up")',
+        '"model.layers.{i}.shared_mlp.input_linear.weight": ("up", "gate")',
+        (f"{TARGETS}::test_replicate_top1_is_exact[granite-granitemoeshared]",)),
+    Bug("hunyuan_v1_moe: router key of the other per-expert targets", "upcycle/targets/hunyuan_v1_moe.py",
+        'router_key="model.layers.{i}.mlp.gate.wg.weight"', 'router_key="model.layers.{i}.mlp.gate.weight"',
+        (f"{TARGETS}::test_fine_grained_split_is_exact[hunyuan_v1_dense-hunyuan_v1_moe]",)),
+    Bug("shared MLP: not half of a full-width FFN", "upcycle/targets/_shared_mlp.py", "HALF = 0.5", "HALF = 0.25",
+        (f"{TARGETS}::test_replicate_top1_is_exact[qwen3-dots1]",)),
+    Bug("qwen2_moe: shared expert not doubled behind its sigmoid(0) gate", "upcycle/targets/qwen2_moe.py",
+        "shared_expert_scale=2.0", "shared_expert_scale=1.0",
+        (f"{TARGETS}::test_carved_out_shared_expert_is_exact[qwen2-qwen2_moe]",)),
+    Bug("bundled model: the shared expert gets the dense down bias too", "upcycle/targets/upcycle.py",
+        "                                   not experts.experts, None))", "                                   True, None))",
+        (f"{TARGETS}::test_carved_out_shared_expert_is_exact[gpt2-upcycle]",)),
+    Bug("bundled model: shared_expert_scale 2.0", "upcycle/targets/upcycle.py",
+        "shared_expert_scale=1.0", "shared_expert_scale=2.0",
+        (f"{TARGETS}::test_carved_out_shared_expert_is_exact[llama-upcycle]",),
+        equivalent="the bundled layout writes the shared slice as planned and never reads the scale; only "
+                   "whether it is None (the target takes --shared-experts) matters"),
 ]
 
 

@@ -264,3 +264,59 @@ def perturb_one_expert(moe_dir: Path, expert: int, rel: float = 1e-3, layer: int
     state[key] = tensor
     save_file(state, path, metadata={"format": "pt"})
     return key
+
+
+def tiny_dense(family: str, seed: int = 0, **config_overrides: Any):
+    """A tiny random ``family`` model in memory (what :func:`make_dense` saves), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](**config_overrides)).eval()
+    _randomise_norms(model, torch.Generator().manual_seed(seed + 1))
+    _randomise_biases(model, torch.Generator().manual_seed(seed + 2))
+    return model
+
+
+def state_infos(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``TensorInfo`` of each tensor of a state dict, as a reader gives them (no file behind them)."""
+    from upcycle.io.safetensors_format import TensorInfo
+
+    return {k: TensorInfo(Path("in-memory"), t.dtype, tuple(t.shape)) for k, t in state.items()}
+
+
+def convert_in_memory(dense, folder: Path, recipe=None, **overrides: Any):
+    """Plan a conversion of the in-memory ``dense`` model, make every planned tensor from its state dict and
+    load them into the target's class from ``folder`` (one safetensors file and the config, nothing else of
+    the converter): ``(plan, moe model)``. A planned tensor the class does not expect, or one it misses
+    (but the tied ``lm_head``), fails here."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.convert import build_recipe
+    from upcycle.plan import make_plan
+    from upcycle.tensors import SourceCache
+
+    state = {k: v.detach() for k, v in dense.state_dict().items()}
+    plan = make_plan(dense.config, state_infos(state), build_recipe(recipe, **overrides))
+    cache = SourceCache(state.__getitem__, views=plan.source_views)
+    tensors = {}
+    for t in plan.tensors:
+        value = t.make(cache)
+        assert tuple(value.shape) == tuple(t.spec.shape) and value.dtype == t.spec.dtype, t.spec
+        assert t.spec.name not in tensors, t.spec.name
+        tensors[t.spec.name] = value.clone()  # replicated experts share storage; safetensors refuses that
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan.target.build_config(plan).save_pretrained(folder)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    moe, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    tied = {"lm_head.weight"} if plan.dense_config.get("tie_word_embeddings") else set()
+    assert set(info["missing_keys"]) <= tied and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return plan, moe.eval()
+
+
+def logit_diff(a, b, seq_len: int = 24, batch: int = 3) -> float:
+    """Max |Δlogit| between two in-memory models on random token ids."""
+    ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        return float((a(ids).logits.float() - b(ids).logits.float()).abs().max())

@@ -14,7 +14,7 @@ from factories import make_dense, save_tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from upcycle.runner import MAX_LAYERS_ENV
-from upcycle.verify import verify
+from upcycle.verify import DEFAULT_PROMPTS, verify
 
 ROUTER = "model.layers.{i}.block_sparse_moe.gate.weight"
 EXPERT = "model.layers.{i}.block_sparse_moe.experts.1.w2.weight"
@@ -60,6 +60,55 @@ def test_perturbed_layer_is_named(tmp_path, pair):
     assert [layer["broken"] for layer in report["per_layer"]] == [False, False, False, True, True]
     text = run_cli("verify", dense, bad, "-q", "--max-new-tokens", "0")
     assert text.exit_code == 1 and "first differ after layer 3" in text.stdout
+
+
+def test_atol_decides_the_verdict(tmp_path, pair):
+    """The same broken expert passes under a tolerance above its logit difference and fails under one below."""
+    dense, moe = pair
+    bad = _edited(moe, tmp_path / "bad", EXPERT.format(i=3), lambda t: t * 1.5)
+    report = verify(dense, bad, max_new_tokens=0, quiet=True)
+    diff = report.max_abs_logit_diff
+    assert report.atol == 1e-3 and diff > 1e-3 and not report.passed
+    loose = verify(dense, bad, max_new_tokens=0, quiet=True, atol=2 * diff)
+    assert loose.atol == 2 * diff and loose.passed and loose.first_broken_layer is None
+    strict = verify(dense, moe, max_new_tokens=0, quiet=True, atol=1e-9)
+    assert strict.atol == 1e-9 and not strict.passed
+    assert verify(dense, bad, max_new_tokens=0, quiet=True, atol=diff).passed   # the bound itself passes
+    # a recipe that does not claim exactness is measured, never failed for its difference
+    recipe = json.loads((bad / "upcycle_recipe.json").read_text())
+    recipe["upcycle"]["exact"] = False
+    (bad / "upcycle_recipe.json").write_text(json.dumps(recipe))
+    measured = verify(dense, bad, max_new_tokens=0, quiet=True)
+    assert measured.exact_expected is False and measured.passed and measured.max_abs_logit_diff == diff
+
+
+def test_report_fields_of_an_exact_pair(pair):
+    report = verify(*pair, max_new_tokens=2, quiet=True)
+    assert report.exact_expected is True and report.passed and report.finite
+    assert [p["prompt"] for p in report.per_prompt] == list(DEFAULT_PROMPTS)   # the pair has a tokenizer
+
+
+def test_non_finite_logits_fail_even_with_finite_layers(tmp_path, pair):
+    """An infinite final norm leaves every decoder layer's output finite but not the logits."""
+    dense, moe = pair
+    bad = _edited(moe, tmp_path / "bad", "model.norm.weight", lambda t: torch.full_like(t, float("inf")))
+    report = verify(dense, bad, max_new_tokens=0, quiet=True)
+    assert all(layer["finite"] for layer in report.per_layer)
+    assert not report.finite and not report.passed
+
+
+def test_force_expert_uses_the_merge_record(tmp_path, pair):
+    """--force-expert compares against what the merge recorded for that expert, not the recipe's exact flag."""
+    dense, moe = pair
+    forced = tmp_path / "forced"
+    shutil.copytree(moe, forced)
+    report = verify(dense, forced, max_new_tokens=0, quiet=True, force_expert=1)
+    assert report.exact_expected is False and report.passed        # the replicate recipe records no merge
+    recipe = json.loads((forced / "upcycle_recipe.json").read_text())
+    recipe["upcycle"]["merge"] = {"forced_exact": [False, True, False, False]}
+    (forced / "upcycle_recipe.json").write_text(json.dumps(recipe))
+    assert verify(dense, forced, max_new_tokens=0, quiet=True, force_expert=1).exact_expected is True
+    assert verify(dense, forced, max_new_tokens=0, quiet=True, force_expert=2).exact_expected is False
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
