@@ -3,6 +3,7 @@ it hands the Trainer, without training (the runs themselves are in test_train.py
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,6 +109,17 @@ def test_training_arguments(tmp_path):
     assert getattr(args, name) is False
     on = run._training_arguments(tmp_path / "out", TrainOptions(max_steps=1, bf16=True, gradient_checkpointing=True))
     assert on.bf16 is True and getattr(on, name) is True
+
+
+def test_extra_args_replace_defaults_but_not_options(tmp_path):
+    args = run._training_arguments(tmp_path / "out", TrainOptions(
+        max_steps=1, extra_args={"save_total_limit": 5, "ddp_find_unused_parameters": False}))
+    assert args.save_total_limit == 5 and args.ddp_find_unused_parameters is False  # was a TypeError
+    with pytest.raises(RecipeError, match=r"extra_args sets learning_rate, seed.*TrainOptions\.learning_rate, "
+                                          r"TrainOptions\.seed instead"):
+        TrainOptions(extra_args={"seed": 3, "learning_rate": 1.0}).validate()
+    options = {f.name for f in dataclasses.fields(TrainOptions)} | {"output"}
+    assert set(run.OPTION_OWNED_ARGS.values()) <= options  # the error names options that exist
 
 
 def test_checkpointing_argument_name():

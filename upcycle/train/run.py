@@ -55,6 +55,10 @@ class TrainOptions:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if (getattr(self, name) or 0) < 0:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 0")
+        owned = sorted(k for k in self.extra_args if k in OPTION_OWNED_ARGS)
+        if owned:
+            raise RecipeError(f"extra_args sets {', '.join(owned)}, which TrainOptions sets already; use "
+                              + ", ".join(f"TrainOptions.{OPTION_OWNED_ARGS[k]}" for k in owned) + " instead")
         return self
 
 
@@ -192,10 +196,26 @@ def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], nu
     return model, layers, restore
 
 
+#: TrainingArguments fields that a TrainOptions field sets (``extra_args`` may not set them a second time)
+OPTION_OWNED_ARGS = {
+    "output_dir": "output", "max_steps": "max_steps", "num_train_epochs": "epochs", "learning_rate": "learning_rate",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup_steps": "warmup", "bf16": "bf16", "save_steps": "save_steps", "logging_steps": "logging_steps",
+    "seed": "seed", "data_seed": "seed", "weight_decay": "weight_decay", "lr_scheduler_type": "lr_scheduler",
+    "report_to": "report_to", "disable_tqdm": "quiet", "activation_checkpointing": "gradient_checkpointing",
+    "gradient_checkpointing": "gradient_checkpointing",
+}
+
+
 def _training_arguments(output: Path, options: TrainOptions):
+    """The Trainer's arguments: the options' values, upcycle's defaults, then ``extra_args`` over the defaults.
+
+    ``extra_args`` may replace a default (``save_total_limit``, ``ddp_find_unused_parameters``, ...) or add any
+    other field, but not a field an option sets: that is refused, naming the option to use instead.
+    """
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
         learning_rate=options.learning_rate, per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum, warmup_steps=options.warmup, bf16=options.bf16,
@@ -203,9 +223,9 @@ def _training_arguments(output: Path, options: TrainOptions):
         seed=options.seed, data_seed=options.seed, weight_decay=options.weight_decay,
         lr_scheduler_type=options.lr_scheduler, report_to=options.report_to, remove_unused_columns=False,
         disable_tqdm=options.quiet, use_cpu=not _has_accelerator(),
-        **{**_checkpointing_arg(options.gradient_checkpointing),
-           # experts that get no token in a micro-batch have no gradient: DDP must expect that
-           "ddp_find_unused_parameters": True, **options.extra_args})
+        # experts that get no token in a micro-batch have no gradient: DDP must expect that
+        ddp_find_unused_parameters=True, **_checkpointing_arg(options.gradient_checkpointing))
+    return TrainingArguments(**{**settings, **options.extra_args})
 
 
 def _save_final(trainer: Any, output: Path, options: TrainOptions, restore: dict[str, Any],
