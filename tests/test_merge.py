@@ -418,3 +418,49 @@ def test_ffn_inputs_stream_what_the_whole_model_computes(llama):
     for layer in (0, 2):
         whole = torch.cat([s[keep] for s, (_, keep) in zip(seen[layer], sequences)]).mean(0)
         assert torch.allclose(streamed[layer], whole, atol=1e-5), float((streamed[layer] - whole).abs().max())
+
+
+def _whole_model_specificity(folder: Path, prompts: list[list[str]]) -> dict[str, list[float]]:
+    """Reference: the whole MoE loaded with transformers; each router's logits from its block's input."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.merge.probe import encode_prompts
+    from upcycle.merge.specificity import num_experts_of
+    from upcycle.tokenizer import load_tokenizer
+
+    num_experts, top_k = num_experts_of(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    routers, seen = {}, {}
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and p.shape[0] == num_experts and name.endswith(("gate.weight", "router.weight")):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            routers[layer] = p
+            block = modules[name.rsplit(".", 2)[0]]  # the MoE block: its input is what the router reads
+            block.register_forward_pre_hook(
+                lambda m, args, layer=layer: seen.__setitem__(layer, args[0].reshape(-1, args[0].shape[-1])))
+    top1 = {layer: [0] * num_experts for layer in routers}
+    tokens = [0] * num_experts
+    tokenizer = load_tokenizer(folder)
+    with torch.no_grad():
+        for expert, texts in enumerate(prompts):
+            for ids, keep in encode_prompts(tokenizer, texts):
+                model(ids.view(1, -1))
+                tokens[expert] += int(keep.sum())
+                for layer, weight in routers.items():
+                    chosen = (seen[layer] @ weight.t()).topk(top_k, dim=-1).indices[keep]
+                    top1[layer][expert] += int((chosen[:, 0] == expert).sum())
+    return {str(l): [c / max(n, 1) for c, n in zip(top1[l], tokens)] for l in routers}
+
+
+@pytest.mark.parametrize("target", ["mixtral", "upcycle"])
+def test_streamed_specificity_equals_the_whole_model(llama, tmp_path, target):
+    """The merge's routing specificity runs layer by layer; it counts what the whole loaded model routes."""
+    from upcycle.merge.specificity import routing_specificity
+
+    cfg = config(llama["base"], [llama["a"], llama["b"]], top_k=1)
+    _merge(cfg, tmp_path / "moe", target=target, verify=False)
+    prompts = [e["prompts"] for e in cfg["experts"]]
+    streamed = routing_specificity(tmp_path / "moe", prompts)
+    assert streamed["top1"] == _whole_model_specificity(tmp_path / "moe", prompts)
+    assert sum(streamed["tokens"]) > 0 and set(streamed["top1"]) == {"0", "1", "2"}

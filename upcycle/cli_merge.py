@@ -23,7 +23,7 @@ from .cli_common import _human, _terminate_as_interrupt, _user_errors
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verify/--no-verify", default=None,
-              help="Measure each source's deviation and the routing specificity.  [default: when it fits in RAM]")
+              help="Measure each source's deviation and the routing specificity, one layer at a time.  [default: on]")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload the output to this Hub model repo.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("--base-model", "card_base_model", metavar="REPO_ID", multiple=True,

@@ -73,8 +73,8 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
     mergekit-moe's; keyword arguments (``target``, ``dtype``, ``seed``, ``top_k``, ...) override it;
     ``card_base_model`` (one Hub id or a list, the CLI's ``--base-model``) gives the card's ``base_model`` ids in
     place of those derived from the sources (``base_model`` is the base source, as in the config). Expert e
-    holds source e's FFN; the other weights are the base's (or their average). ``verify`` (None: when it
-    fits in half the free RAM) measures each source's deviation with every token sent to its expert and
+    holds source e's FFN; the other weights are the base's (or their average). ``verify`` (None or True: on;
+    layer-streamed, so at any size) measures each source's deviation with every token sent to its expert and
     the routing specificity of the prompts, before the output is moved into place.
     """
     from ..io.atomic import atomic_folder, check_output

@@ -1,8 +1,8 @@
 """Routing specificity of an MoE checkpoint: per layer, the share of each expert's prompt tokens that the
 router sends to that expert (top-1, and within the top-k).
 
-Works on any MoE folder transformers loads whose routers are linear ``[num_experts, hidden]`` weights
-(upcycle's outputs and mergekit's alike): a hook on each router reads the hidden state it is given.
+Works on any MoE folder transformers loads (upcycle's outputs and mergekit's alike): the model runs layer by
+layer through :mod:`upcycle.runner`, and each router's logits are read as it computes them.
 """
 
 from __future__ import annotations
@@ -12,22 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
-_ROUTER_NAME = re.compile(r"(?:^|\.)(?:gate|router)\.weight$")
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
-
-
-def router_modules(model: Any, num_experts: int) -> dict[int, tuple[Any, torch.Tensor]]:
-    """``layer -> (block, weight)`` for every router (a ``gate``/``router`` weight of shape [E, hidden]) and the
-    MoE block that owns it, whose input is what the router reads."""
-    modules = dict(model.named_modules())
-    found = {}
-    for name, param in model.named_parameters():
-        layer = _LAYER.search(name)
-        if param.dim() == 2 and param.shape[0] == num_experts and _ROUTER_NAME.search(name) and layer:
-            found[int(layer.group(1))] = (modules[name.rsplit(".", 2)[0]], param)
-    return found
 
 
 def num_experts_of(folder: Path) -> tuple[int, int]:
@@ -40,14 +25,16 @@ def num_experts_of(folder: Path) -> tuple[int, int]:
 
 
 def routing_specificity(moe: str | Path, prompts: Sequence[Sequence[str]], tokenizer: Optional[Any] = None,
-                        model: Optional[Any] = None) -> dict[str, Any]:
+                        device: str = "cpu") -> dict[str, Any]:
     """Per layer and expert, the share of expert e's prompt tokens (``prompts[e]``) routed to e.
 
     Returns ``{"top1": {layer: [share per expert]}, "topk": {...}, "mean_top1", "mean_topk", "chance_top1",
-    "tokens": [per expert]}``. Special tokens are left out.
+    "tokens": [per expert]}``. Special tokens are left out. The MoE runs one decoder layer at a time
+    (:mod:`upcycle.runner`), so memory is one layer plus the prompts' hidden states, whatever its size.
     """
-    from transformers import AutoModelForCausalLM
-
+    from ..io import open_source
+    from ..runner import StreamedModel, resolve_device, resolve_dtype
+    from ..runner.routing import router_logit_sinks
     from ..tokenizer import load_tokenizer
     from .probe import encode_prompts
 
@@ -58,34 +45,26 @@ def routing_specificity(moe: str | Path, prompts: Sequence[Sequence[str]], token
     tokenizer = tokenizer or load_tokenizer(folder)
     if tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer to encode the prompts with")
-    model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    routers = router_modules(model, num_experts)
-    choices: dict[int, torch.Tensor] = {}
-
-    def hook(layer: int, weight: torch.Tensor):
-        def capture(module, args):
-            h = args[0].detach().reshape(-1, weight.shape[1]).float()
-            choices[layer] = (h @ weight.detach().float().t()).topk(top_k, dim=-1).indices
-        return capture
-
-    handles = [module.register_forward_pre_hook(hook(layer, weight)) for layer, (module, weight) in routers.items()]
-    layers = sorted(routers)
+    encoded = [(expert, ids, keep) for expert, texts in enumerate(prompts) for ids, keep in encode_prompts(tokenizer, texts)]
+    model = StreamedModel(open_source(str(folder)), device=resolve_device(device), dtype=resolve_dtype("float32"))
+    hidden = model.embed([ids.view(1, -1) for _, ids, _ in encoded])
+    sinks = [(int(_LAYER.search(name + ".").group(1)), sink)
+             for name, sink in router_logit_sinks(model.model, num_experts) if _LAYER.search(name + ".")]
+    layers = [layer for layer, _ in sinks]
     top1 = {layer: [0] * num_experts for layer in layers}
     topk = {layer: [0] * num_experts for layer in layers}
     tokens = [0] * num_experts
-    try:
-        with torch.no_grad():
-            for expert, texts in enumerate(prompts):
-                for ids, keep in encode_prompts(tokenizer, texts):
-                    model(ids.view(1, -1))
-                    tokens[expert] += int(keep.sum())
-                    for layer in layers:
-                        chosen = choices[layer][keep]
-                        top1[layer][expert] += int((chosen[:, 0] == expert).sum())
-                        topk[layer][expert] += int((chosen == expert).any(-1).sum())
-    finally:
-        for handle in handles:
-            handle.remove()
+    for expert, _, keep in encoded:
+        tokens[expert] += int(keep.sum())
+    for index in range(model.num_layers):
+        with model.layer(index) as layer_module:
+            hidden = model.run_layer(layer_module, index, hidden)
+        for layer, sink in sinks:
+            for (expert, _, keep), logits in zip(encoded, sink):  # one router call per prompt, in order
+                chosen = logits.detach().reshape(-1, num_experts).float().topk(top_k, dim=-1).indices.cpu()[keep]
+                top1[layer][expert] += int((chosen[:, 0] == expert).sum())
+                topk[layer][expert] += int((chosen == expert).any(-1).sum())
+            sink.clear()
     share = lambda counts: {str(l): [c / max(n, 1) for c, n in zip(counts[l], tokens)] for l in layers}
     top1_share, topk_share = share(top1), share(topk)
     mean = lambda table: sum(sum(v) for v in table.values()) / max(1, len(table) * num_experts)
