@@ -320,3 +320,24 @@ def logit_diff(a, b, seq_len: int = 24, batch: int = 3) -> float:
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
         return float((a(ids).logits.float() - b(ids).logits.float()).abs().max())
+
+
+def cache_repo(cache: Path, repo_id: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
+    """Lay out ``models--org--name`` the way huggingface_hub does (blobs + symlinked snapshots)."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for sha, folder in snapshots.items():
+        snap = repo / "snapshots" / sha
+        snap.mkdir(parents=True)
+        for file in folder.iterdir():
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snap / file.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref, sha in refs.items():
+        (repo / "refs" / ref).write_text(sha)
+    return repo

@@ -43,21 +43,3 @@ def config(base: Path, sources: list[Path], **options) -> dict:
     """An own-format config with one expert per source and the topic prompts."""
     experts = [{"source": str(s), "prompts": PROMPTS[i % len(PROMPTS)]} for i, s in enumerate(sources)]
     return {"base_model": str(base), "experts": experts, **options}
-
-
-def cache_repo(cache: Path, repo_id: str, folder: Path, sha: str = "a" * 40) -> None:
-    """Put ``folder`` into a Hugging Face cache as ``repo_id`` at ``main`` (blobs + symlinked snapshot)."""
-    import hashlib
-    import os
-
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / sha
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for file in folder.iterdir():
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(sha)

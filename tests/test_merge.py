@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 from checks import assert_clean_error, run_cli
-from factories import max_logit_diff, read_json
-from merge_factories import PROMPTS, cache_repo, config, fine_tune, make_base
+from factories import cache_repo, max_logit_diff, read_json
+from merge_factories import PROMPTS, config, fine_tune, make_base
 from safetensors.torch import load_file
 
 import upcycle
@@ -240,7 +240,7 @@ def test_hub_sources_offline(llama, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     for name in ("base", "a", "b"):
-        cache_repo(tmp_path / "cache", f"org/{name}", llama[name])
+        cache_repo(tmp_path / "cache", f"org/{name}", {"a" * 40: llama[name]}, {"main": "a" * 40})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     result = _merge({"base_model": "org/base", "top_k": 1, "experts": [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from checks import run_cli
-from factories import EXACT_ATOL, make_dense, max_logit_diff, read_json, save_tiny_tokenizer
+from factories import EXACT_ATOL, cache_repo, make_dense, max_logit_diff, read_json, save_tiny_tokenizer
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -152,26 +152,6 @@ SHA_MAIN = "a" * 40
 SHA_V1 = "b" * 40
 
 
-def _cache_repo(cache: Path, repo_id: str, snapshots: dict[str, Path], refs: dict[str, str]) -> Path:
-    """Lay out ``models--org--name`` the way huggingface_hub does (blobs + symlinked snapshots)."""
-    import hashlib
-
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for sha, folder in snapshots.items():
-        snap = repo / "snapshots" / sha
-        snap.mkdir(parents=True)
-        for file in folder.iterdir():
-            data = file.read_bytes()
-            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
-            (snap / file.name).symlink_to(os.path.relpath(blob, snap))
-    (repo / "refs").mkdir(exist_ok=True)
-    for ref, sha in refs.items():
-        (repo / "refs" / ref).write_text(sha)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory, reference):
     """A cache with ``org/tiny-llama``: ``main`` holds safetensors and a (garbage) .bin, tag ``v1``
@@ -183,7 +163,7 @@ def hub_cache(tmp_path_factory, reference):
     save_tiny_tokenizer(main)
     (main / "pytorch_model.bin").write_bytes(b"never read")
     v1 = _single_bin(make_dense("llama", root / "other", seed=7), root / "v1")
-    _cache_repo(root / "cache", "org/tiny-llama", {SHA_MAIN: main, SHA_V1: v1}, {"main": SHA_MAIN, "v1": SHA_V1})
+    cache_repo(root / "cache", "org/tiny-llama", {SHA_MAIN: main, SHA_V1: v1}, {"main": SHA_MAIN, "v1": SHA_V1})
     return root / "cache", dense, root / "other"
 
 
