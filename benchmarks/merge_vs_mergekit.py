@@ -183,6 +183,19 @@ def scaling(work: Path, base: Path, counts: tuple[int, ...] = (2, 6)) -> dict[st
     return out
 
 
+def _held_out_specificity(config: Path, target: Path, held_out: list) -> dict[str, float]:
+    """Merge ``config`` into ``target`` with upcycle (no verification), measure the routing specificity of the
+    held-out prompts (one list per expert), delete the output."""
+    from upcycle.merge.specificity import routing_specificity
+
+    shutil.rmtree(target, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "upcycle", "merge", str(config), str(target), "--no-verify", "-q"],
+                   check=True, capture_output=True)
+    spec = routing_specificity(target, held_out)
+    shutil.rmtree(target)
+    return {"held_out_mean_top1": round(spec["mean_top1"], 3), "chance_top1": round(spec["chance_top1"], 3)}
+
+
 def router_inits(work: Path, config: Path, inits: tuple[str, ...] = ("embed", "normal")) -> dict[str, object]:
     """Routing specificity of other router inits on the same config (upcycle only; ``hidden`` is above)."""
     import yaml
@@ -192,16 +205,8 @@ def router_inits(work: Path, config: Path, inits: tuple[str, ...] = ("embed", "n
         own = work / f"router-{init}.yaml"
         data = yaml.safe_load(config.read_text())
         own.write_text(yaml.safe_dump({**data, "gate_mode": {"embed": "cheap_embed", "normal": "random"}[init]}))
-        target = work / f"out-router-{init}"
-        shutil.rmtree(target, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "upcycle", "merge", str(own), str(target), "--no-verify", "-q"],
-                       check=True, capture_output=True)
-        from upcycle.merge.specificity import routing_specificity
-
-        spec = routing_specificity(target, [TOPICS[name][1] for name in TOPICS])
-        out[init] = {"held_out_mean_top1": round(spec["mean_top1"], 3), "chance_top1": round(spec["chance_top1"], 3)}
+        out[init] = _held_out_specificity(own, work / f"out-router-{init}", [TOPICS[name][1] for name in TOPICS])
         print(init, json.dumps(out[init]), flush=True)
-        shutil.rmtree(target)
     return out
 
 
@@ -221,16 +226,8 @@ def domain_router(work: Path, base: Path, sources: list[Path], tokens: int = 409
                    for src, name in zip(sources, texts)]
         config.write_text(yaml.safe_dump({"base_model": str(base), "router_init": init, "top_k": 1,
                                           "calibration_tokens": tokens, "experts": experts}))
-        target = work / f"out-domain-{init}"
-        shutil.rmtree(target, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "upcycle", "merge", str(config), str(target), "--no-verify", "-q"],
-                       check=True, capture_output=True)
-        from upcycle.merge.specificity import routing_specificity
-
-        spec = routing_specificity(target, [prompts[name][1] for name in texts])
-        out[init] = {"held_out_mean_top1": round(spec["mean_top1"], 3), "chance_top1": round(spec["chance_top1"], 3)}
+        out[init] = _held_out_specificity(config, work / f"out-domain-{init}", [prompts[name][1] for name in texts])
         print(init, json.dumps(out[init]), flush=True)
-        shutil.rmtree(target)
     return out
 
 
