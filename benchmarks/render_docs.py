@@ -63,17 +63,7 @@ def convert_synthetic(results: dict) -> str:
         if rows.get("load_average"):
             load = f"; load average {rows['load_average'][0]} at the start, {rows['load_average'][1]} at the end"
         out.append(f"**{_stamp(r)}**{label}{load}: `{s['command']}`\n")
-        if any("direct_floor_s" in x for x in rows["runs"]):
-            out += _convert_direct_rows(rows)
-            continue
-        out.append("| run | output | wall | dd floor (before / after) | wall / floor | peak RSS (rusage) | RSS (polled) |")
-        out.append("|---|---|---|---|---|---|---|")
-        for x in rows["runs"]:
-            dd = f"{x['dd_floor_s']:.1f} s"
-            if x.get("dd_before_s") is not None:
-                dd += f" ({x['dd_before_s']:.1f} / {x['dd_after_s']:.1f})"
-            out.append(f"| {x['run']} | {_gb(x['output_bytes'])} | {x['wall_s']:.1f} s | {dd} | "
-                       f"**{x['wall_over_floor']:.2f}×** | **{_gb(x['peak_rss_bytes'])}** | {_gb(x['polled_tree_rss_bytes'])} |")
+        out += (_convert_direct_rows if any("direct_floor_s" in x for x in rows["runs"]) else _convert_fsync_rows)(rows)
         if rows.get("note"):
             out.append(f"\n({rows['note']}.)")
         if rows.get("help_median_s") is not None:
@@ -183,6 +173,19 @@ def _span(values: list[float]) -> str:
     return low if low == high else f"{low}-{high}"
 
 
+def _convert_fsync_rows(rows: dict) -> list[str]:
+    """The table of a run measured against ``dd conv=fsync`` only (issue 2)."""
+    out = ["| run | output | wall | dd floor (before / after) | wall / floor | peak RSS (rusage) | RSS (polled) |",
+           "|---|---|---|---|---|---|---|"]
+    for x in rows["runs"]:
+        dd = f"{x['dd_floor_s']:.1f} s"
+        if x.get("dd_before_s") is not None:
+            dd += f" ({x['dd_before_s']:.1f} / {x['dd_after_s']:.1f})"
+        out.append(f"| {x['run']} | {_gb(x['output_bytes'])} | {x['wall_s']:.1f} s | {dd} | "
+                   f"**{x['wall_over_floor']:.2f}×** | **{_gb(x['peak_rss_bytes'])}** | {_gb(x['polled_tree_rss_bytes'])} |")
+    return out
+
+
 def _convert_direct_rows(rows: dict) -> list[str]:
     """The table of a run that measured both floors (issue 11): conversion with ``--no-verify`` against
     ``dd oflag=direct`` and ``dd conv=fsync``, with CPU seconds; then the default conversion, if timed."""
@@ -202,10 +205,6 @@ def _convert_direct_rows(rows: dict) -> list[str]:
                    f"run: **{cert['wall_s']:.1f} s**, {cert['user_s']:.1f} / {cert['sys_s']:.1f} s CPU, peak RSS "
                    f"**{_gb(cert['peak_rss_bytes'])}**; certificate: {'PASS' if v.get('passed') else 'FAIL'}, max "
                    f"|Δlogit| {v.get('max_abs_logit_diff', float('nan')):.2e}.")
-    if rows.get("help_median_s") is not None:
-        out.append(f"\n`upcycle --help` start-up: median **{rows['help_median_s']:.2f} s** over {rows['help_runs']} "
-                   f"runs (min {rows['help_min_s']:.2f}, max {rows['help_max_s']:.2f}).")
-    out.append("")
     return out
 
 
