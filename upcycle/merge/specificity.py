@@ -48,8 +48,8 @@ def routing_specificity(moe: str | Path, prompts: Sequence[Sequence[str]], token
     encoded = [(expert, ids, keep) for expert, texts in enumerate(prompts) for ids, keep in encode_prompts(tokenizer, texts)]
     model = StreamedModel(open_source(str(folder)), device=resolve_device(device), dtype=resolve_dtype("float32"))
     hidden = model.embed([ids.view(1, -1) for _, ids, _ in encoded])
-    sinks = [(int(_LAYER.search(name + ".").group(1)), sink)
-             for name, sink in router_logit_sinks(model.model, num_experts) if _LAYER.search(name + ".")]
+    sinks = [(int(found.group(1)), sink) for name, sink in router_logit_sinks(model.model, num_experts)
+             if (found := _LAYER.search(name + "."))]
     layers = [layer for layer, _ in sinks]
     top1 = {layer: [0] * num_experts for layer in layers}
     topk = {layer: [0] * num_experts for layer in layers}
