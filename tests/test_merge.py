@@ -464,3 +464,45 @@ def test_streamed_specificity_equals_the_whole_model(llama, tmp_path, target):
     streamed = routing_specificity(tmp_path / "moe", prompts)
     assert streamed["top1"] == _whole_model_specificity(tmp_path / "moe", prompts)
     assert sum(streamed["tokens"]) > 0 and set(streamed["top1"]) == {"0", "1", "2"}
+
+
+@pytest.mark.parametrize("top,expert,fragment", [
+    ({"router_std": float("nan")}, {}, "router_std must be a finite number, got nan"),
+    ({"target": ["mixtral"]}, {}, "target must be a target name"),
+    ({"seed": "x"}, {}, "seed must be an integer"),
+    ({"calibration_tokens": True}, {}, "calibration_tokens must be an integer >= 1"),
+    ({"base_model": 5}, {}, "base_model must be a string"),
+    ({}, {"residual_scale": float("nan")}, "experts[0].residual_scale must be a finite number"),
+    ({}, {"residual_scale": "big"}, "experts[0].residual_scale must be a finite number, got 'big'"),
+    ({}, {"residual_scale": 0}, "experts[0].residual_scale must be > 0"),
+    ({}, {"noise_std": float("inf")}, "experts[0].noise_std must be a finite number"),
+    ({}, {"revision": ["main"]}, "experts[0].revision must be a string"),
+    ({}, {"calibration": 3}, "experts[0].calibration must be a path"),
+])
+def test_config_values_of_the_wrong_kind_are_refused(top, expert, fragment):
+    """A value of the wrong type, or a NaN/infinite scale (a model of NaNs), is refused naming its key, not
+    left to fail deep inside the merge (a TypeError) or to be written."""
+    cfg = {"base_model": "org/base", "router_init": "zeros", "top_k": 1, "experts": [{"source": "org/a", **expert}]}
+    with pytest.raises(RecipeError) as caught:
+        load_config({**cfg, **top})
+    assert fragment in str(caught.value)
+
+
+def test_mergekit_scales_are_checked():
+    expert = {"source_model": "org/a", "positive_prompts": ["x"]}
+    for key, value in (("noise_scale", float("nan")), ("residual_scale", "big"), ("residual_scale", -1.0)):
+        with pytest.raises(RecipeError, match=rf"experts\[0\]\.{key} must be"):
+            load_config({"base_model": "org/base", "experts_per_token": 1, "experts": [{**expert, key: value}]})
+
+
+def test_config_files_are_read_like_recipe_files(tmp_path):
+    """YAML aliases (a few lines that expand into gigabytes when printed) and JSON NaN are refused, one line."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('experts: [{source: a}]\nrouter_init: zeros\ntop_k: 1\nx: &a ["x", "x"]\n'
+                    "dtype: [*a, *a]\n")
+    assert_clean_error(run_cli("merge", bomb, tmp_path / "out", "-q"), tmp_path / "out", "aliases", "bomb.yaml")
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"experts": [{"source": "a"}], "router_init": "zeros", "top_k": 1, "router_std": NaN}')
+    assert_clean_error(run_cli("merge", nan, tmp_path / "out", "-q"), tmp_path / "out", "NaN", "nan.json")
+    assert_clean_error(run_cli("merge", tmp_path / "none.yaml", tmp_path / "out", "-q"), tmp_path / "out",
+                       "merge config file not found")
