@@ -111,7 +111,8 @@ def write_config(work: Path, base: Path, sources: list[Path]) -> Path:
 
 
 def timed(command: list[str], log: Path) -> dict[str, float]:
-    """Wall time and peak RSS of ``command`` (GNU time)."""
+    """Wall time, user and system CPU seconds and peak RSS of ``command`` (GNU time): on a shared machine the
+    CPU seconds tell the tools' work apart from time spent waiting."""
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     log.write_text(result.stdout + result.stderr)
     if result.returncode:
@@ -120,7 +121,9 @@ def timed(command: list[str], log: Path) -> dict[str, float]:
     parts = [float(p) for p in wall.split(":")]
     seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return {"wall_s": round(seconds, 1), "peak_rss_mib": round(rss / 1024)}
+    cpu = {key: float(re.search(rf"{label} time \(seconds\): ([\d.]+)", result.stderr).group(1))
+           for key, label in (("user_s", "User"), ("sys_s", "System"))}
+    return {"wall_s": round(seconds, 1), **cpu, "peak_rss_mib": round(rss / 1024)}
 
 
 def router_cosine(moe: Path) -> float:
