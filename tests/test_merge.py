@@ -506,3 +506,29 @@ def test_config_files_are_read_like_recipe_files(tmp_path):
     assert_clean_error(run_cli("merge", nan, tmp_path / "out", "-q"), tmp_path / "out", "NaN", "nan.json")
     assert_clean_error(run_cli("merge", tmp_path / "none.yaml", tmp_path / "out", "-q"), tmp_path / "out",
                        "merge config file not found")
+
+
+def test_first_differing_tensor_is_named(llama, tmp_path):
+    """Same config, different tensors: a missing tensor, an extra one, one of another shape; the error names
+    the config entry and the first tensor that differs, before any tensor is read (dry run too)."""
+    from safetensors.torch import save_file
+
+    def variant(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(llama["a"], folder)
+        state = load_file(folder / "model.safetensors")
+        change(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    key = "model.layers.1.post_attention_layernorm.weight"
+    cases = [(variant("missing", lambda s: s.pop(key)), f"it has no tensor {key}"),
+             (variant("extra", lambda s: s.update({"model.extra.weight": torch.zeros(2)})),
+              "it has a tensor the base lacks: model.extra.weight"),
+             (variant("shape", lambda s: s.update({key: torch.ones(65)})),
+              f"tensor {key} has shape [65], the base's is [64]")]
+    for source, fragment in cases:
+        for dry_run in ([], ["--dry-run"]):
+            result = run_cli("merge", _write(tmp_path, config(llama["base"], [llama["b"], source])), tmp_path / "out",
+                             "-q", *dry_run)
+            assert_clean_error(result, tmp_path / "out", f"experts[1].source ({source}) does not match the base", fragment)
