@@ -157,6 +157,9 @@ def test_hidden_router_reads_the_ffn_inputs(llama):
     ("granite", "granitemoe", None),
     ("phi3", "mixtral", "model.layers.0.block_sparse_moe.experts.1.w3.weight"),
     ("gpt2", "upcycle", "transformer.h.0.mlp.experts.1.up_proj.weight"),
+    ("cohere2", "cohere2_moe", None),
+    ("ernie4_5", "ernie4_5_moe", None),
+    ("olmo2", "flex_olmo", None),
 ])
 def test_targets_hold_the_merge(tmp_path, family, target, expert_key):
     """Each target that can hold a merge (the auto choice, or the bundled model) reproduces each source
@@ -169,6 +172,27 @@ def test_targets_hold_the_merge(tmp_path, family, target, expert_key):
     assert all(row["exact_expected"] and row["max_abs_logit_diff"] <= 1e-4 for row in forced.values()), forced
     if expert_key:
         assert expert_key in load_file(tmp_path / "moe" / "model.safetensors")
+
+
+@pytest.mark.parametrize("family,target,shared_down", [
+    ("qwen3", "dots1", "model.layers.{i}.mlp.shared_experts.down_proj.weight"),
+    ("granite", "granitemoeshared", "model.layers.{i}.shared_mlp.output_linear.weight"),
+    ("hunyuan_v1_dense", "hunyuan_v1_moe", "model.layers.{i}.mlp.shared_mlp.down_proj.weight"),
+])
+def test_shared_expert_targets(tmp_path, family, target, shared_down):
+    """Targets with an always-on shared MLP (skipped by auto without a shared_expert) are picked with one and
+    hold it as is, not half of the base's FFN; every token to expert e then adds the shared expert, so each
+    source is measured, not claimed exact."""
+    base = make_base(family, tmp_path / "base")
+    a, b, c = (fine_tune(base, tmp_path / n, i) for i, n in enumerate("abc", 1))
+    result = _merge(config(base, [a, b], top_k=1, shared_expert={"source": str(c)}), tmp_path / "moe")
+    assert (result.summary["target"], result.summary["shared_expert"]) == (target, str(c))
+    out, src = load_file(tmp_path / "moe" / "model.safetensors"), load_file(c / "model.safetensors")
+    for i in range(3):
+        assert torch.equal(out[shared_down.format(i=i)], src[f"model.layers.{i}.mlp.down_proj.weight"])
+    forced = _forced(result)
+    assert all(not row["exact_expected"] and row["max_abs_logit_diff"] > 1e-3 for row in forced.values()), forced
+    assert _merge(config(base, [a, b], top_k=1), tmp_path / "plain", dry_run=True).summary["target"] != target
 
 
 def _in_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
