@@ -556,3 +556,24 @@ def test_first_differing_tensor_is_named(llama, tmp_path):
             result = run_cli("merge", _write(tmp_path, config(llama["base"], [llama["b"], source])), tmp_path / "out",
                              "-q", *dry_run)
             assert_clean_error(result, tmp_path / "out", f"experts[1].source ({source}) does not match the base", fragment)
+
+
+def test_negative_prompts_keep_every_expert_reachable():
+    """Hidden states share a large component (a few channels of large activations). An expert whose negative
+    prompts cancel it must not lose all tokens to the experts that keep it: each expert's own prompts still
+    route to it, and its negative prompts (here another expert's topic) route away from it."""
+    from upcycle.merge.routers import contrast, finish_rows
+
+    gen = torch.Generator().manual_seed(0)
+    common = torch.zeros(64)
+    common[:4] = 50.0
+    topics = [common + torch.cat([torch.zeros(4), torch.randn(60, generator=gen)]) for _ in range(3)]
+    positive = torch.stack(topics)
+    for negative in ([None, None, None], [topics[1], None, None], [None, None, topics[0]],
+                     [topics[2], topics[0], None]):
+        rows = finish_rows(contrast(positive, negative), 0.02)
+        assert (positive @ rows.t()).argmax(-1).tolist() == [0, 1, 2], negative
+        for expert, neg in enumerate(negative):
+            if neg is not None:
+                assert int((neg @ rows.t()).argmax()) != expert
+    assert torch.equal(contrast(positive, [None] * 3), positive)  # without negatives: the positive means
