@@ -514,9 +514,13 @@ def test_config_values_of_the_wrong_kind_are_refused(top, expert, fragment):
 
 def test_mergekit_scales_are_checked():
     expert = {"source_model": "org/a", "positive_prompts": ["x"]}
-    for key, value in (("noise_scale", float("nan")), ("residual_scale", "big"), ("residual_scale", -1.0)):
+    for key, value in (("noise_scale", float("nan")), ("residual_scale", "big"), ("residual_scale", -1.0),
+                       ("residual_scale", 0)):  # a given 0 is not taken for "absent" (it used to become 1.0)
         with pytest.raises(RecipeError, match=rf"experts\[0\]\.{key} must be"):
             load_config({"base_model": "org/base", "experts_per_token": 1, "experts": [{**expert, key: value}]})
+    given = {"base_model": "org/base", "experts_per_token": 1,
+             "experts": [{**expert, "noise_scale": 0, "residual_scale": None}]}
+    assert (load_config(given).experts[0].noise_std, load_config(given).experts[0].residual_scale) == (0.0, 1.0)
 
 
 def test_config_files_are_read_like_recipe_files(tmp_path):

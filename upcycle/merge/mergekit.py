@@ -70,8 +70,14 @@ def _expert(data: Any, where: str, gate_mode: str) -> ExpertSpec:
     return ExpertSpec(source=source, revision=revision,
                       prompts=_prompts(data.get("positive_prompts"), f"{where}.positive_prompts"),
                       negative_prompts=_prompts(data.get("negative_prompts"), f"{where}.negative_prompts"),
-                      residual_scale=check_number(data.get("residual_scale") or 1.0, f"{where}.residual_scale", True),
-                      noise_std=check_number(data.get("noise_scale") or 0.0, f"{where}.noise_scale", False))
+                      residual_scale=check_number(_given(data, "residual_scale", 1.0), f"{where}.residual_scale", True),
+                      noise_std=check_number(_given(data, "noise_scale", 0.0), f"{where}.noise_scale", False))
+
+
+def _given(data: dict[str, Any], key: str, default: float) -> Any:
+    """``data[key]``, or ``default`` when absent or null (as mergekit reads it); a given 0 stays 0."""
+    value = data.get(key)
+    return default if value is None else value
 
 
 def from_mergekit(data: dict[str, Any]) -> MergeConfig:
