@@ -655,3 +655,29 @@ def test_hostname_in_temp_names_is_safe():
     tag = _run_tag()
     assert _LEFTOVER.search(f".moe.upcycle-tmp-{tag}-0123abcd")["pid"] == str(os.getpid())
     assert socket.gethostname()  # the tag names this host
+
+
+# --- found by the audit of 2026-12-02 --------------------------------------------------------------
+
+def test_merge_config_alias_bomb_refused(tmp_path, llama):
+    """A merge config is read like a recipe: a YAML alias bomb under a known key is refused at once (it was a
+    MemoryError traceback after 85 s and 2.1 GB under a 3 GB cap)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    config = tmp_path / "merge.yaml"
+    config.write_text("base_model: &x\n" + "\n".join("  " + line for line in lines)
+                      + f"\ntop_k: *x\nexperts: [{{source: {llama}}}]\n")
+    out = tmp_path / "moe"
+    result = run_cli("merge", config, out)
+    assert result.exit_code == 2, result.output
+    assert "aliases (*name) are not allowed" in assert_clean_error(result, out, "merge config")
+
+
+def test_config_field_transformers_refuses_is_one_line(tmp_path, llama):
+    """A config field of a type transformers' strict dataclasses refuse (rope_parameters: "x") was a
+    StrictDataclassFieldValidationError traceback."""
+    source = copy(llama, tmp_path / "dense")
+    config = read_json(source / "config.json")
+    config["rope_parameters"] = "x"
+    (source / "config.json").write_text(json.dumps(config))
+    refused(source, tmp_path / "moe", "rope_parameters", "transformers cannot read this config")
