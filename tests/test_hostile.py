@@ -681,3 +681,13 @@ def test_config_field_transformers_refuses_is_one_line(tmp_path, llama):
     config["rope_parameters"] = "x"
     (source / "config.json").write_text(json.dumps(config))
     refused(source, tmp_path / "moe", "rope_parameters", "transformers cannot read this config")
+
+
+@pytest.mark.parametrize("args", [["--atol", "nan"], ["--atol", "inf"], ["--atol", "-1"], ["--memory-budget", "nan"],
+                                  ["--memory-budget", "inf"]])
+def test_verify_non_finite_option_refused(llama, args):
+    """verify --memory-budget nan/inf was a ValueError/OverflowError traceback; --atol inf passed anything."""
+    result = run_cli("verify", llama, llama, "-q", *args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {args[0]} must be a finite number >= 0, got {float(args[1])}"], result.output
