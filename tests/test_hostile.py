@@ -691,3 +691,19 @@ def test_verify_non_finite_option_refused(llama, args):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {args[0]} must be a finite number >= 0, got {float(args[1])}"], result.output
+
+
+def test_option_value_alias_bomb_refused(tmp_path, llama):
+    """-o values are read without YAML aliases (a short alias bomb was a MemoryError traceback after 85 s)."""
+    names = "abcdefgh"
+    parts = ["&a [1,1,1,1,1,1,1,1,1]"] + [f"&{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip(names, names[1:])]
+    bomb = "[" + ", ".join(parts) + ", [" + ",".join(["*h"] * 9) + "]]"
+    line = refused(llama, tmp_path / "moe", "--option layers", "aliases (*name) are not allowed", args=("-o", f"layers={bomb}"))
+    assert line.startswith("error: --option layers:")
+
+
+def test_option_value_that_is_not_yaml_is_kept_as_text():
+    from upcycle.cli_common import parse_options
+
+    assert parse_options(("a=4", "b=0.5", "c=true", "d=[1, 2]", "e=x: y: z", "f=")) == {
+        "a": 4, "b": 0.5, "c": True, "d": [1, 2], "e": "x: y: z", "f": None}
