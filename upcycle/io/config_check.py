@@ -87,7 +87,7 @@ def load_checked_config(folder: Path, tensor_names: Iterable[str]) -> Any:
     check_layer_count(config, tensor_names, str(path))
     try:
         return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - e.g. huggingface_hub's StrictDataclassError for a field's type
         reason = _first_sentence(exc)
         raise UnsupportedArchitectureError(f"{path}: transformers cannot read this config "
                                            f"(model_type {config['model_type']!r}): {reason}") from None
