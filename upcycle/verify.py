@@ -9,7 +9,12 @@ from typing import Any, Optional
 
 from .checkpoint import CONFIG_FILE, EXPERT_COUNT_KEYS, model_folder, provenance_of, read_recipe
 from .errors import DataError, RecipeError, SourceNotFoundError
+from .io import open_source
+from .runner import StreamedModel, lockstep, resolve_device, resolve_dtype
+from .runner.memory import available_memory
+from .runner.routing import router_logit_sinks
 from .textdata import read_lines
+from .tokenizer import load_tokenizer
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -195,7 +200,6 @@ def memory_budget(device) -> Optional[int]:
 
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    from .runner.memory import available_memory
 
     free = available_memory()
     return free // 2 if free is not None else None
@@ -237,9 +241,6 @@ def _compare_layers(dense, moe, encoded, atol: float, quiet: bool, groups: Optio
     router selections that split a virtual group; then the full logits."""
     import torch
     from tqdm.auto import tqdm
-
-    from .runner import lockstep
-    from .runner.routing import router_logit_sinks
 
     per_layer, sinks = [], []
 
@@ -285,10 +286,6 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     import torch
     import torch.nn.functional as F
     from transformers.utils import logging as hf_logging
-
-    from .io import open_source
-    from .runner import StreamedModel, resolve_device, resolve_dtype
-    from .tokenizer import load_tokenizer
 
     if quiet:
         hf_logging.set_verbosity_error()
