@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE
+from .errors import RecipeError
 
 REPO_PLACEHOLDER = "THIS_REPO"
 #: the card's default "how to reproduce" paragraph (a merge passes its own)
@@ -55,8 +56,6 @@ def check_base_model(repo_id: str, where: str = "--base-model") -> str:
     naming ``where`` (the option or config key it came from) and why."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
-
-    from .errors import RecipeError
 
     try:
         validate_repo_id(repo_id)

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from .errors import CorruptCheckpointError, SourceNotFoundError, UpcycleError
+from .version import __version__
 
 CONFIG_FILE = "config.json"
 RECIPE_FILE = "upcycle_recipe.json"
@@ -78,8 +79,6 @@ def provenance_of(recipe: Optional[Mapping[str, Any]]) -> dict[str, Any]:
 def library_versions() -> dict[str, str]:
     """Versions of upcycle and the libraries a conversion or training run depends on (for provenance)."""
     import importlib.metadata
-
-    from .version import __version__
 
     return {"upcycle": __version__, **{name: importlib.metadata.version(name) for name in VERSIONED_LIBRARIES}}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..errors import UnsupportedArchitectureError
+from ..registry import collect
 from .base import PROJECTIONS, DenseFamily
 
 __all__ = ["DenseFamily", "PROJECTIONS", "all_families", "family_for_model_type"]
@@ -14,8 +15,6 @@ __all__ = ["DenseFamily", "PROJECTIONS", "all_families", "family_for_model_type"
 def all_families() -> dict[str, DenseFamily]:
     """Every registered family by name."""
     import sys
-
-    from ..registry import collect
 
     return collect(sys.modules[__name__], "FAMILY")
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..checkpoint import CONFIG_FILE, inside_folder
 from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
 
 #: integer sizes a dense config may hold; when present (and not null) each must be an integer >= 1
@@ -79,8 +80,6 @@ def check_layer_count(config: dict[str, Any], tensor_names: Iterable[str], where
 def load_checked_config(folder: Path, tensor_names: Iterable[str]) -> Any:
     """The transformers config of a dense model folder, read only after the checks above pass."""
     from transformers import AutoConfig
-
-    from ..checkpoint import CONFIG_FILE, inside_folder
 
     path = inside_folder(Path(folder), CONFIG_FILE, str(folder))  # not a link to another model's config
     config = read_config_json(path)

@@ -15,6 +15,8 @@ import torch
 
 from ..checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE
 from ..errors import CorruptCheckpointError, SourceNotFoundError
+from .config_check import load_checked_config
+from .folder import open_folder
 from .safetensors_format import STR_TO_DTYPE, TensorInfo
 from .source import TOKENIZER_FILES, DenseSource
 
@@ -95,8 +97,6 @@ class HubHeadersSource(DenseSource):
         raise RuntimeError("internal error: a headers-only Hub source has no tensor data")
 
     def load_config(self) -> Any:
-        from .config_check import load_checked_config
-
         return load_checked_config(self.folder, self.infos)
 
 
@@ -106,8 +106,6 @@ def open_headers(repo_id: str, revision: Optional[str] = None, quiet: bool = Fal
     Offline, or for repos without safetensors, it falls back to the cached (or downloaded) checkpoint.
     """
     from huggingface_hub import HfApi, constants
-
-    from .folder import open_folder
 
     folder = _snapshot(repo_id, revision, META_FILES, quiet)
     if not constants.HF_HUB_OFFLINE:

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from ..errors import UnsupportedArchitectureError
 from ..families import DenseFamily
+from ..registry import collect
 from .base import MoeTarget
 
 __all__ = ["FALLBACK_TARGET", "MoeTarget", "all_targets", "auto_candidates", "choose_target"]
@@ -20,8 +21,6 @@ FALLBACK_TARGET = "upcycle"
 def all_targets() -> dict[str, MoeTarget]:
     """Every registered target by name."""
     import sys
-
-    from ..registry import collect
 
     return collect(sys.modules[__name__], "TARGET")
 
