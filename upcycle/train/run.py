@@ -10,6 +10,11 @@ from typing import Any, Optional
 
 from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
+from ..tokenizer import load_tokenizer
+from .data import load_packed
+from .moe_model import choose_seq_len, freeze_except, load_moe_config, parse_train_groups, router_layers, text_attr
+from .monitor import ExpertLoadCallback
+from .provenance import copy_code_files, record_training
 
 CHECKPOINTS = "checkpoints"
 
@@ -92,8 +97,6 @@ def _resume_checkpoint(output: Path, options: TrainOptions) -> Optional[str]:
 
 def eos_id(tokenizer: Any, config: Any) -> Optional[int]:
     """The document separator: the tokenizer's EOS, else the config's (first one when a list)."""
-    from .moe_model import text_attr
-
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     if eos is None:
         eos = text_attr(config, "eos_token_id")
@@ -120,11 +123,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     """
     from transformers import default_data_collator
 
-    from ..tokenizer import load_tokenizer
-    from .data import load_packed
-    from .moe_model import choose_seq_len, load_moe_config, parse_train_groups, text_attr
-    from .monitor import ExpertLoadCallback
-    from .provenance import copy_code_files, record_training
+    # on use, here and below: transformers.Trainer and datasets; eos_id's user (inspect --routing) needs neither
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
@@ -182,7 +181,6 @@ def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], nu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .moe_model import freeze_except, router_layers
     from .trainer import set_model_router_losses
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
