@@ -18,6 +18,7 @@ from .version import __version__
 CONFIG_FILE = "config.json"
 RECIPE_FILE = "upcycle_recipe.json"
 CARD_FILE = "README.md"
+GENERATION_CONFIG_FILE = "generation_config.json"
 # the transformers names of the weights (single file, or shards listed by an index)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from .calibration import calibration_tokenizer, collect_statistics, tokenize_calibration
 from .card import check_base_model, render_card, resolve_base_model, source_license
-from .checkpoint import CARD_FILE, CONFIG_FILE, library_versions, write_recipe
+from .checkpoint import CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, library_versions, write_recipe
 from .errors import RecipeError, VerificationError
 from .hub_push import check_can_push
 from .io import open_source
@@ -171,7 +171,7 @@ def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], ch
     written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
     generation = src.generation_config(config)
     generation.save_pretrained(folder)
-    written.append("generation_config.json")
+    written.append(GENERATION_CONFIG_FILE)
     written += src.save_tokenizer(folder)
     base_model = resolve_base_model(base_model, src.repo_id, src.folder)
     provenance = {"source": public_name(src.spec, src.repo_id or base_model),

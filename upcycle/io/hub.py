@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE
+from ..checkpoint import (CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE,
+                          TORCH_SINGLE_FILE)
 from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .config_check import load_checked_config
 from .folder import open_folder
@@ -21,7 +22,7 @@ from .safetensors_format import STR_TO_DTYPE, TensorInfo
 from .source import TOKENIZER_FILES, DenseSource
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-META_FILES = [CONFIG_FILE, "generation_config.json", CARD_FILE, *TOKENIZER_FILES]
+META_FILES = [CONFIG_FILE, GENERATION_CONFIG_FILE, CARD_FILE, *TOKENIZER_FILES]
 WEIGHT_PATTERNS = (
     [SINGLE_FILE, "model-*-of-*.safetensors", INDEX_FILE],
     [TORCH_SINGLE_FILE, "pytorch_model-*-of-*.bin", TORCH_INDEX_FILE],

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import inside_folder
+from ..checkpoint import GENERATION_CONFIG_FILE, inside_folder
 from .safetensors_format import TensorInfo
 from .tokenizer_files import make_tokenizer_config_portable
 
@@ -70,7 +70,7 @@ class DenseSource(ABC):
         """The dense model's generation config, or one derived from its model config."""
         from transformers import GenerationConfig
 
-        if (self.folder / "generation_config.json").is_file():
-            inside_folder(self.folder, "generation_config.json", str(self.folder))
+        if (self.folder / GENERATION_CONFIG_FILE).is_file():
+            inside_folder(self.folder, GENERATION_CONFIG_FILE, str(self.folder))
             return GenerationConfig.from_pretrained(self.folder)
         return GenerationConfig.from_model_config(config)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..card import REPO_PLACEHOLDER, render_card, resolve_base_models, source_license
-from ..checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE, library_versions, provenance_of, read_recipe, write_recipe
+from ..checkpoint import (CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, RECIPE_FILE, library_versions, provenance_of,
+                          read_recipe, write_recipe)
 
 
 def write_provenance(folder: Path, plan, cfg, summary: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -23,7 +24,7 @@ def write_model_files(folder: Path, plan, merged, base_config) -> list[str]:
     plan.target.build_config(plan).save_pretrained(folder)
     written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
     merged.generation_config(base_config).save_pretrained(folder)
-    written.append("generation_config.json")
+    written.append(GENERATION_CONFIG_FILE)
     return written + merged.save_tokenizer(folder)
 
 
