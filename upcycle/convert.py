@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from .calibration import calibration_tokenizer, collect_statistics, tokenize_calibration
 from .card import check_base_model, render_card, resolve_base_model, source_license
 from .checkpoint import CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, library_versions, write_recipe
@@ -201,7 +203,6 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], quiet: bool, veri
     """
     if verify is False:
         return {"skipped": "disabled with --no-verify"}
-    import torch
 
     dense = str(src.folder) if src.repo_id else src.spec
     # One thread: float reductions then run in a fixed order, so the numbers written into the card and

@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+import click
+
 from .cli import cli
 from .experts import all_methods
 from .families import all_families
@@ -170,8 +172,6 @@ def render() -> str:
 
 def cli_options(command: str) -> list[str]:
     """The option table of ``upcycle COMMAND``: what ``--help`` says, default split out, plus CLI_NOTES."""
-    import click
-
     cmd = cli.commands[command]
     ctx = click.Context(cmd, info_name=command)
     out = ["| option | default | meaning |", "|---|---|---|"]

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
 from ..checkpoint import CONFIG_FILE, inside_folder
 from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
 
@@ -98,7 +100,6 @@ def check_required_tensors(config: Any, stored: dict[str, Any], where: str = "th
 
     ``stored`` maps tensor names to objects with a ``shape``. Tensors the class does not have are ignored.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     try:

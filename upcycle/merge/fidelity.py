@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..errors import VerificationError
 from ..verify import verify as run_verify
 from .compare import compare_sources
@@ -27,8 +29,6 @@ def measure_fidelity(folder: Path, cfg, merged, ids: dict[str, str], plan, summa
     Exact claims are checked: a source that differs from the base only in its FFN must be reproduced
     (else :class:`VerificationError`, nothing written).
     """
-    import torch
-
     if verify is False:
         return {"skipped": "disabled with --no-verify"}
     matches = compare_sources(merged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Optional
+import sys
 
 from ..errors import UnsupportedArchitectureError
 from ..families import DenseFamily
@@ -20,8 +21,6 @@ FALLBACK_TARGET = "upcycle"
 @lru_cache(maxsize=1)
 def all_targets() -> dict[str, MoeTarget]:
     """Every registered target by name."""
-    import sys
-
     return collect(sys.modules[__name__], "TARGET")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..checkpoint import model_folder
 from ..errors import RecipeError
 from ..io import open_source
@@ -26,8 +28,6 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     ``max_tokens``. The model runs one decoder layer at a time (:mod:`upcycle.runner`): memory is one layer
     plus the hidden states of the tokens, whatever the model's size.
     """
-    import torch
-
     model_path = model_folder(model_path)
     config, num_experts, top_k = load_moe_config(model_path)
     tokenizer = load_tokenizer(model_path)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+import accelerate
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
@@ -79,8 +85,6 @@ class TrainResult:
 
 
 def _resume_checkpoint(output: Path, options: TrainOptions) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
-
     folder = output / CHECKPOINTS
     if options.resume:
         last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -178,9 +182,6 @@ def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], nu
 
     Returns the model, the decoder layer of each router and the config values to restore on save.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .trainer import set_model_router_losses
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -211,8 +212,6 @@ def _training_arguments(output: Path, options: TrainOptions):
     ``extra_args`` may replace a default (``save_total_limit``, ``ddp_find_unused_parameters``, ...) or add any
     other field, but not a field an option sets: that is refused, naming the option to use instead.
     """
-    from transformers import TrainingArguments
-
     settings = dict(
         output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
         learning_rate=options.learning_rate, per_device_train_batch_size=options.batch_size,
@@ -254,8 +253,6 @@ def _save_final(trainer: Any, output: Path, options: TrainOptions, restore: dict
 
 
 def _dtype_of(config: Any) -> Any:
-    import torch
-
     dtype = getattr(config, "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -263,11 +260,7 @@ def _dtype_of(config: Any) -> Any:
 def _check_sharding_launcher() -> None:
     """Refuse an FSDP launch on a machine without GPU: accelerate enables FSDP only on accelerators and would
     run plain DDP (every process holding the whole model) without saying so."""
-    import os
-
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_accelerator():
-        import accelerate
-
         raise RecipeError(f"FSDP was requested (accelerate launch with an FSDP config), but accelerate "
                           f"{accelerate.__version__} shards only on GPUs and would run unsharded DDP on this CPU-only "
                           "machine; launch without the FSDP config for DDP over gloo, or shard on CPU with "
@@ -280,16 +273,12 @@ def _has_accelerator() -> bool:
     Without one, TrainingArguments must be told ``use_cpu``: otherwise accelerate does not pick its
     multi-CPU (gloo) mode under torchrun, and each process would train alone; --bf16 needs it too.
     """
-    import torch
-
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
     """``activation_checkpointing`` (transformers >= 5.x) or its older name ``gradient_checkpointing``."""
-    from transformers import TrainingArguments
-
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
