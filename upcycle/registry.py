@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -51,6 +52,12 @@ def _package_paths(package: str) -> list[str]:
         list(importlib.util.find_spec(package).submodule_search_locations or [])
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed(path: str) -> ast.Module:
+    """The syntax tree of a source file (one help screen reads some files for several options)."""
+    return ast.parse(Path(path).read_text())
+
+
 def declarations(package: str, attribute: str) -> dict[str, dict[str, Any]]:
     """``{name: {keyword: value}}`` of a package's plug-ins: the literal (str, bool, number) keywords of each
     ``ATTRIBUTE = X(name=..., ...)``, read from the source."""
@@ -58,7 +65,7 @@ def declarations(package: str, attribute: str) -> dict[str, dict[str, Any]]:
     for info in sorted(pkgutil.iter_modules(_package_paths(package)), key=lambda i: i.name):
         if info.name.startswith("_") or info.name == "base":
             continue
-        tree = ast.parse(Path(info.module_finder.path, f"{info.name}.py").read_text())
+        tree = _parsed(str(Path(info.module_finder.path, f"{info.name}.py")))
         for node in tree.body:
             if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == attribute for t in node.targets)
                     and isinstance(node.value, ast.Call)):
@@ -83,7 +90,7 @@ def field_default(module: str, cls: str, field: str) -> Any:
         path = Path(folder, f"{leaf}.py")
         if not path.is_file():
             continue
-        for node in ast.parse(path.read_text()).body:
+        for node in _parsed(str(path)).body:
             if isinstance(node, ast.ClassDef) and node.name == cls:
                 for item in node.body:
                     if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
