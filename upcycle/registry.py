@@ -52,9 +52,14 @@ def _package_paths(package: str) -> list[str]:
         list(importlib.util.find_spec(package).submodule_search_locations or [])
 
 
-@functools.lru_cache(maxsize=None)
 def _parsed(path: str) -> ast.Module:
-    """The syntax tree of a source file (one help screen reads some files for several options)."""
+    """The syntax tree of a source file, parsed once per version of the file (one help screen reads some
+    files for several options)."""
+    return _parse(path, Path(path).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(path: str, mtime_ns: int) -> ast.Module:
     return ast.parse(Path(path).read_text())
 
 
