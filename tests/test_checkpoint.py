@@ -99,6 +99,7 @@ def test_file_names_are_spelled_in_checkpoint_only():
     import upcycle.checkpoint as checkpoint
 
     names = {getattr(checkpoint, n): n for n in dir(checkpoint) if n.endswith("_FILE")}
+    assert {"config.json", "generation_config.json", "README.md", "upcycle_recipe.json"} <= set(names)
     found = []
     for path in sorted((ROOT / "upcycle").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()

@@ -33,9 +33,7 @@ def test_conversion_records_the_measured_verification(dense, tmp_path):
 
 def test_conversion_verifies_even_when_the_models_would_not_fit_in_memory(dense, tmp_path, monkeypatch):
     """No "skipped: too big": the check streams one layer at a time and compares next-token predictions."""
-    import upcycle.runner.memory as memory
-
-    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 1000)
     result = convert_module.convert(dense, tmp_path / "auto", num_experts=4, top_k=2, quiet=True)
     v = result.verification
     assert v["passed"] and v["finite"] and v["comparison"] == "teacher-forced next tokens"
@@ -64,7 +62,7 @@ def test_conversion_writes_nothing_when_an_exact_recipe_fails_verification(dense
         report.max_abs_logit_diff, report.passed = 0.5, False
         return report
 
-    monkeypatch.setattr(verify_module, "verify", broken)
+    monkeypatch.setattr(convert_module, "run_verify", broken)
     with pytest.raises(VerificationError, match="nothing was written"):
         convert_module.convert(dense, tmp_path / "moe", num_experts=4, top_k=2, quiet=True)
     assert not (tmp_path / "moe").exists() and list(tmp_path.iterdir()) == []

@@ -258,12 +258,14 @@ def test_disk_full_while_replacing_keeps_the_old_output(tmp_path, llama, monkeyp
 
 
 def test_metadata_write_failure(tmp_path, llama, monkeypatch):
-    import upcycle.card as card
+    import importlib
+
+    convert_module = importlib.import_module("upcycle.convert")  # the module; ``upcycle.convert`` is the function
 
     def failing(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(card, "render_card", failing)
+    monkeypatch.setattr(convert_module, "render_card", failing)
     out = tmp_path / "moe"
     assert_clean_error(convert(llama, out), out, "Permission denied")
 

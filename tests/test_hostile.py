@@ -351,17 +351,19 @@ def test_free_space_checked_before_writing(tmp_path, llama, monkeypatch):
 
 
 def test_huge_expert_count_refused_for_space_before_it_is_planned(tmp_path, llama, monkeypatch):
-    import upcycle.io.atomic as atomic
-    import upcycle.plan as plan_module
+    import importlib
 
+    import upcycle.io.atomic as atomic
+
+    convert_module = importlib.import_module("upcycle.convert")  # the module; ``upcycle.convert`` is the function
     planned = []
-    real = plan_module.make_plan
+    real = convert_module.make_plan
 
     def counting(config, infos, recipe, *args, **kwargs):
         planned.append(recipe.num_experts)
         return real(config, infos, recipe, *args, **kwargs)
 
-    monkeypatch.setattr(plan_module, "make_plan", counting)
+    monkeypatch.setattr(convert_module, "make_plan", counting)
     monkeypatch.setattr(atomic, "free_bytes", lambda folder: 10**9)
     start = time.monotonic()
     line = refused(llama, tmp_path / "moe", "not enough free space", args=["-e", "1000000", "-k", "2"])

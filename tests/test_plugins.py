@@ -94,3 +94,35 @@ def test_cli_help_lists_the_registries_without_importing_them():
                                       ("upcycle.partitions", "PARTITION", upcycle.partitions.all_partitions()),
                                       ("upcycle.targets", "TARGET", upcycle.targets.all_targets())):
         assert describe(package, attribute) == {name: item.description for name, item in found.items()}
+
+
+def test_cli_help_defaults_and_calibration_users_come_from_the_code():
+    """The ``[default: ...]`` of --method, --router-init and --split-strategy are the dataclass defaults, and
+    --calibration names every router init and split strategy that reads it (all read from source at help time)."""
+    import click
+
+    import upcycle.partitions
+    import upcycle.routers
+    from upcycle.cli import cli
+    from upcycle.experts.split import SplitOptions
+    from upcycle.recipe import Recipe
+
+    command = cli.commands["convert"]
+    ctx = click.Context(command, info_name="convert")
+    text = {p.name: p.get_help_record(ctx)[1] for p in command.params if isinstance(p, click.Option)}
+    assert text["method"].endswith(f"[default: {Recipe.method}]")
+    assert text["router_init"].endswith(f"[default: {Recipe.router_init}]")
+    assert text["split_strategy"].endswith(f"[default: {SplitOptions.split_strategy}]")
+    users = ([f"{name} router" for name, r in sorted(upcycle.routers.all_router_inits().items()) if r.needs_calibration]
+             + [f"{name} split" for name, p in sorted(upcycle.partitions.all_partitions().items())
+                if p.needs_calibration])
+    assert users and text["calibration"] == f"Text, JSONL ('text') or folder for {' / '.join(users)}."
+
+
+def test_field_default_reads_a_literal_default_from_source():
+    from upcycle.registry import field_default
+
+    assert field_default("upcycle.recipe", "Recipe", "num_experts") == 8
+    assert field_default("upcycle.experts.split", "SplitOptions", "granularity") == 1
+    with pytest.raises(LookupError, match="no field 'nope'"):
+        field_default("upcycle.recipe", "Recipe", "nope")

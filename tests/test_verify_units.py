@@ -216,11 +216,9 @@ def test_model_bytes_counts_floating_tensors_in_the_compute_dtype():
 
 
 def test_memory_budget_is_half_the_free_memory(monkeypatch):
-    import upcycle.runner.memory as memory
-
-    monkeypatch.setattr(memory, "available_memory", lambda: 1001)
+    monkeypatch.setattr(v, "available_memory", lambda: 1001)
     assert v.memory_budget(torch.device("cpu")) == 500
-    monkeypatch.setattr(memory, "available_memory", lambda: None)
+    monkeypatch.setattr(v, "available_memory", lambda: None)
     assert v.memory_budget(torch.device("cpu")) is None
 
 

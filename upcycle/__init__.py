@@ -50,10 +50,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
 
 
-def _install_auto_registration() -> None:
-    from .auto_register import install
-
-    install()
-
+from .auto_register import install as _install_auto_registration  # noqa: E402 - after _Package is in place
 
 _install_auto_registration()

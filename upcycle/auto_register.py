@@ -12,6 +12,8 @@ import importlib.abc
 import importlib.util
 import sys
 
+from . import modeling
+
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 _MODEL_AUTO = "transformers.models.auto.modeling_auto"
 _OUR_CONFIG = "upcycle.modeling.configuration_upcycle_moe"
@@ -31,8 +33,6 @@ def _loaded(name: str) -> bool:
 
 
 def _try_register() -> None:
-    from . import modeling
-
     if _initializing(_OUR_CONFIG) or _initializing(_OUR_MODEL):
         return
     if "config" in _pending and _loaded(_CONFIG_AUTO):

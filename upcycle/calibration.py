@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from .clustering import StreamingKMeans
 from .errors import RecipeError, SourceNotFoundError
+from .runner import StreamedModel, resolve_device, resolve_dtype
 from .textdata import data_files, read_documents
+from .tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .io import DenseSource
@@ -32,8 +35,6 @@ def required_tokens(num_experts: int) -> int:
 
 def calibration_tokenizer(src: "DenseSource") -> Any:
     """The dense model's tokenizer, which calibration needs; a clear error when it has none."""
-    from .tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(src.pretrained_kwargs())
     if tokenizer is None:
         raise SourceNotFoundError(f"--calibration needs the dense model's tokenizer, and {src.spec} has none; "
@@ -102,9 +103,6 @@ def collect_statistics(src: "DenseSource", plan: "ConversionPlan", ids: torch.Te
     sketch's random projection of each batch is drawn in that order too.
     """
     from tqdm.auto import tqdm
-
-    from .clustering import StreamingKMeans
-    from .runner import StreamedModel, resolve_device, resolve_dtype
 
     model = StreamedModel(src, device=resolve_device(device), dtype=resolve_dtype(dtype), max_layers=max_layers)
     modules = dict(model.model.named_modules())

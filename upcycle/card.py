@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
+import json
 
 from .checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE
+from .errors import RecipeError
 
 REPO_PLACEHOLDER = "THIS_REPO"
 #: the card's default "how to reproduce" paragraph (a merge passes its own)
@@ -56,8 +58,6 @@ def check_base_model(repo_id: str, where: str = "--base-model") -> str:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .errors import RecipeError
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -70,8 +70,6 @@ def check_base_model(repo_id: str, where: str = "--base-model") -> str:
 def repo_id_from_config(folder: Path) -> Optional[str]:
     """The ``_name_or_path`` that transformers 4 wrote into ``folder/config.json``, when it names a Hub repo
     (``namespace/name``, not a local path)."""
-    import json
-
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 

@@ -13,10 +13,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from .errors import CorruptCheckpointError, SourceNotFoundError, UpcycleError
+from .version import __version__
 
 CONFIG_FILE = "config.json"
 RECIPE_FILE = "upcycle_recipe.json"
 CARD_FILE = "README.md"
+GENERATION_CONFIG_FILE = "generation_config.json"
 # the transformers names of the weights (single file, or shards listed by an index)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -78,8 +80,6 @@ def provenance_of(recipe: Optional[Mapping[str, Any]]) -> dict[str, Any]:
 def library_versions() -> dict[str, str]:
     """Versions of upcycle and the libraries a conversion or training run depends on (for provenance)."""
     import importlib.metadata
-
-    from .version import __version__
 
     return {"upcycle": __version__, **{name: importlib.metadata.version(name) for name in VERSIONED_LIBRARIES}}
 

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from .version import __version__
-from .cli_common import (METHOD_CHOICES, PARTITION_CHOICES, ROUTER_CHOICES, TARGET_CHOICES, RegistryOption, _human,
+from .cli_common import (METHOD_CHOICES, METHOD_DEFAULT, PARTITION_CHOICES, PARTITION_DEFAULT, ROUTER_CHOICES,
+                         ROUTER_DEFAULT, TARGET_CHOICES, RegistryOption, _calibration_users, _human,
                          _terminate_as_interrupt, _user_errors, parse_options)
 
 
@@ -30,13 +31,13 @@ def cli() -> None:
 @click.argument("output", type=click.Path())
 @click.option("--num-experts", "-e", type=int, help="Experts per MoE layer.  [default: 8]")
 @click.option("--top-k", "-k", type=int, help="Experts chosen per token.  [default: 2]")
-@click.option("--method", cls=RegistryOption, choices=METHOD_CHOICES,
-              help="Expert construction: {choices}.  [default: replicate]")
+@click.option("--method", cls=RegistryOption, choices=METHOD_CHOICES, default_of=METHOD_DEFAULT,
+              help="Expert construction: {choices}.  [default: {default}]")
 @click.option("--target", cls=RegistryOption, choices=TARGET_CHOICES,
               help="Output architecture: auto (the exact native one, else the bundled model), {choices}.  "
                    "[default: auto]")
-@click.option("--router-init", cls=RegistryOption, choices=ROUTER_CHOICES,
-              help="Router init: {choices}.  [default: normal]")
+@click.option("--router-init", cls=RegistryOption, choices=ROUTER_CHOICES, default_of=ROUTER_DEFAULT,
+              help="Router init: {choices}.  [default: {default}]")
 @click.option("--router-std", type=float, help="Std of the normal router init.  [default: 0.02]")
 @click.option("--seed", type=int, help="Seed: same inputs and seed give byte-identical files.  [default: 0]")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
@@ -44,14 +45,15 @@ def cli() -> None:
 @click.option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.  [default: 5GB]")
 @click.option("--revision", help="Hub branch, tag or commit of SOURCE.")
 @click.option("--granularity", "-g", type=int, help="split: FFN segments per dense FFN (divides its width).  [default: 1]")
-@click.option("--split-strategy", cls=RegistryOption, choices=PARTITION_CHOICES,
-              help="split: how neurons are cut into segments: {choices}.  [default: contiguous]")
+@click.option("--split-strategy", cls=RegistryOption, choices=PARTITION_CHOICES, default_of=PARTITION_DEFAULT,
+              help="split: how neurons are cut into segments: {choices}.  [default: {default}]")
 @click.option("--shared-experts", type=int, help="split: segments made an always-on shared expert.  [default: 0]")
 @click.option("--allow-inexact", is_flag=True, default=None, help="Accept a top-k or router that breaks exactness.")
 @click.option("--drop-ratio", type=float, help="drop: fraction of neurons re-initialised per expert.  [default: 0.5]")
 @click.option("--noise-std", type=float, help="Gaussian noise std added to every expert (not exact).  [default: 0]")
 @click.option("--layers", help="MoE layers: all, every:N, 0,2,5 or 4-11.  [default: all]")
-@click.option("--calibration", help="Text, JSONL ('text') or folder for kmeans router / activation split.")
+@click.option("--calibration", cls=RegistryOption, choices=_calibration_users,
+              help="Text, JSONL ('text') or folder for {choices}.")
 @click.option("--calibration-tokens", type=int, help="Most calibration tokens to read.  [default: 16384]")
 @click.option("--option", "-o", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="Any recipe key, e.g. an expert method's own option (repeatable): -o drop_ratio=0.3.")

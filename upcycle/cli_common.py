@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import click
 
@@ -40,19 +40,22 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 class RegistryOption(click.Option):
-    """An option whose help lists a registry (methods, router inits, ...), read only when help is shown so
-    that ``upcycle --help`` does not import torch."""
+    """An option whose help names registry entries (methods, router inits, ...) or a dataclass default: each
+    ``{field}`` of the help is filled by a function called only when help is shown (the registries and
+    defaults are read from source), so that ``upcycle --help`` does not import torch."""
 
-    def __init__(self, *args: Any, choices: Callable[[], str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, choices: Optional[Callable[[], str]] = None,
+                 default_of: Optional[Callable[[], str]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._choices = choices
+        self._fields = {k: v for k, v in (("choices", choices), ("default", default_of)) if v is not None}
         self._template = kwargs.get("help") or ""
 
     def get_help_record(self, ctx: click.Context):
-        self.help = self._template.format(choices=self._choices())
+        self.help = self._template.format(**{k: read() for k, read in self._fields.items()})
         return super().get_help_record(ctx)
 
 
+# registry is imported by these functions, at help time: `upcycle --help` loads only click and the cli modules
 def _names(package: str, attribute: str, describe: bool = True) -> Callable[[], str]:
     def names() -> str:
         from .registry import describe as read
@@ -62,10 +65,32 @@ def _names(package: str, attribute: str, describe: bool = True) -> Callable[[], 
     return names
 
 
+def _default(module: str, cls: str, field: str) -> Callable[[], str]:
+    def default() -> str:
+        from .registry import field_default
+
+        return str(field_default(module, cls, field))
+
+    return default
+
+
+def _calibration_users() -> str:
+    """The router inits and split strategies that read ``--calibration`` ("kmeans router / activation split")."""
+    from .registry import declarations
+
+    users = [f"{name} {kind}" for package, attribute, kind in (("upcycle.routers", "ROUTER", "router"),
+                                                                 ("upcycle.partitions", "PARTITION", "split"))
+             for name, words in sorted(declarations(package, attribute).items()) if words.get("needs_calibration")]
+    return " / ".join(users)
+
+
 METHOD_CHOICES = _names("upcycle.experts", "METHOD")
 ROUTER_CHOICES = _names("upcycle.routers", "ROUTER")
 PARTITION_CHOICES = _names("upcycle.partitions", "PARTITION")
 TARGET_CHOICES = _names("upcycle.targets", "TARGET", describe=False)
+METHOD_DEFAULT = _default("upcycle.recipe", "Recipe", "method")
+ROUTER_DEFAULT = _default("upcycle.recipe", "Recipe", "router_init")
+PARTITION_DEFAULT = _default("upcycle.experts.split", "SplitOptions", "split_strategy")
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:

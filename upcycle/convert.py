@@ -7,9 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import CARD_FILE, CONFIG_FILE, library_versions, write_recipe
-from .errors import RecipeError
+import torch
+
+from .calibration import calibration_tokenizer, collect_statistics, tokenize_calibration
+from .card import check_base_model, render_card, resolve_base_model, source_license
+from .checkpoint import CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, library_versions, write_recipe
+from .errors import RecipeError, VerificationError
+from .hub_push import check_can_push
+from .io import open_source
+from .io.atomic import atomic_folder, check_free_space, check_output
+from .io.config_check import check_required_tensors
+from .io.public_names import public_name, public_recipe
+from .layer_data import LayerData
+from .plan import make_plan
 from .recipe import Recipe
+from .runner import resolve_device, resolve_dtype
+from .tensors import SourceCache
+from .verify import verify as run_verify
+from .writing import push_output, write_weights
 
 VERIFY_NEW_TOKENS = 0  # logits only: generation would triple the cost and adds little to max |Δlogit|
 
@@ -64,24 +79,14 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     ``base_model`` is the dense model's Hub repo id for the card; by default it is derived from the source
     (a Hub id, a Hugging Face cache snapshot folder, or a ``_name_or_path`` repo id in its config).
     """
-    from .card import check_base_model
-    from .io import open_source
-    from .io.atomic import atomic_folder, check_free_space, check_output
-    from .io.config_check import check_required_tensors
-    from .plan import make_plan
-    from .writing import push_output, write_weights
-
     recipe = build_recipe(recipe, **overrides)
     output = Path(output)
     if base_model:
         check_base_model(base_model)
     if push_to_hub and not dry_run:
-        from .hub_push import check_can_push
-
         hub_token = check_can_push(push_to_hub, hub_token)
     if not dry_run:
         check_output(output, force)
-    from .runner import resolve_device, resolve_dtype
 
     resolve_dtype(compute_dtype)
     resolve_device(device)
@@ -123,8 +128,6 @@ def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
     count and two plans with the fewest experts the recipe allows give it (to within the few header bytes
     that longer expert numbers take). Planning memory and time grow with the expert count; this lets a
     huge ``--num-experts`` be refused for lack of space before that."""
-    from .plan import make_plan
-
     group = getattr(recipe.method_options, "routed_group_size", 1)
     first = max(group, -(-recipe.top_k // group) * group)
     if recipe.num_experts <= first + group:
@@ -136,8 +139,6 @@ def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
 
 def _calibration_ids(src, recipe: Recipe):
     """Tokenized ``--calibration`` text when the recipe needs it (checked in dry runs too), else None."""
-    from .calibration import calibration_tokenizer, tokenize_calibration
-
     if not recipe.calibration_reasons():
         return None
     return tokenize_calibration(recipe.calibration, calibration_tokenizer(src), recipe.calibration_tokens,
@@ -146,10 +147,6 @@ def _calibration_ids(src, recipe: Recipe):
 
 def _layer_data(src, plan, calibration_ids, quiet: bool, device: str = "cpu", dtype: str = "float32"):
     """``layer -> LayerData``: dense matrices read on demand plus the calibration statistics."""
-    from .calibration import collect_statistics
-    from .layer_data import LayerData
-    from .tensors import SourceCache
-
     stats = None
     if calibration_ids is not None:
         stats = collect_statistics(src, plan, calibration_ids, quiet=quiet, device=device, dtype=dtype,
@@ -171,15 +168,12 @@ def _layer_data(src, plan, calibration_ids, quiet: bool, device: str = "cpu", dt
 def _write_metadata(folder: Path, plan, src, config, summary: dict[str, Any], checking: dict[str, Any],
                     quiet: bool, repo_id: Optional[str],
                     base_model: Optional[str] = None) -> tuple[list[str], Optional[dict[str, Any]]]:
-    from .card import render_card, resolve_base_model, source_license
-    from .io.public_names import public_name, public_recipe
-
     target_config = plan.target.build_config(plan)
     target_config.save_pretrained(folder)
     written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
     generation = src.generation_config(config)
     generation.save_pretrained(folder)
-    written.append("generation_config.json")
+    written.append(GENERATION_CONFIG_FILE)
     written += src.save_tokenizer(folder)
     base_model = resolve_base_model(base_model, src.repo_id, src.folder)
     provenance = {"source": public_name(src.spec, src.repo_id or base_model),
@@ -207,12 +201,8 @@ def _verify_output(folder: Path, src, summary: dict[str, Any], quiet: bool, veri
     Runs unless ``verify`` is False. An exact recipe whose logits differ, or any NaN/inf, raises
     :class:`VerificationError`, so nothing is written.
     """
-    from .errors import VerificationError
-    from .verify import verify as run_verify
-
     if verify is False:
         return {"skipped": "disabled with --no-verify"}
-    import torch
 
     dense = str(src.folder) if src.repo_id else src.spec
     # One thread: float reductions then run in a fixed order, so the numbers written into the card and

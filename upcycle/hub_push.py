@@ -213,7 +213,7 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, revision: Opt
     incomplete folder and :class:`HubError` (one line, nothing claimed as pushed) for a missing token,
     a malformed repo id, an unreachable endpoint or a server error; calling again resumes.
     """
-    from .recipe import parse_size
+    from .recipe import parse_size  # on use: recipe imports torch (through experts); a push needs no torch
 
     folder = Path(path)
     check_repo_id(repo_id)

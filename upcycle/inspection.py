@@ -1,4 +1,8 @@
-"""Describe an MoE checkpoint from its config and safetensors headers, without loading weights."""
+"""Describe an MoE checkpoint from its config and safetensors headers, without loading weights.
+
+``upcycle.io`` and ``upcycle.targets`` are imported inside the functions: both import torch, which
+``import upcycle.inspection`` does not (tests/test_checkpoint.py).
+"""
 
 from __future__ import annotations
 

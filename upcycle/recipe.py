@@ -20,6 +20,7 @@ from typing import Any, Optional
 from .errors import RecipeError
 from .experts import MethodOptions, get_method, option_owners
 from .experts.base import require_integer
+from .io.yaml_load import load_config_file
 from .layers import check_layer_spec
 from .routers import get_router_init
 
@@ -228,8 +229,6 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         """Read a recipe from a .json or .yaml file (an ``upcycle_recipe.json`` output works too); YAML
         aliases, NaN/Infinity literals and oversized files are refused (:mod:`upcycle.io.yaml_load`)."""
-        from .io.yaml_load import load_config_file
-
         data = load_config_file(path, "recipe")
         if data is None:
             data = {}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+import importlib.util
 import pkgutil
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,26 +43,62 @@ def lookup(found: dict[str, Any], name: str, flag: str) -> Any:
     return found[name]
 
 
-def describe(package: str, attribute: str) -> dict[str, str]:
-    """``{name: description}`` of a package's plug-ins, read from their source without importing them (so that
-    CLI help stays free of torch): the literal ``name=`` and ``description=`` of each ``ATTRIBUTE = X(...)``."""
-    import ast
-    import importlib.util
-    from pathlib import Path
+# Reading plug-ins and defaults from source, without importing them (so that CLI help stays free of torch)
 
+def _package_paths(package: str) -> list[str]:
+    """The folders of ``package``, found without running its ``__init__``."""
     module = sys.modules.get(package)
-    paths = list(module.__path__) if module is not None else \
+    return list(module.__path__) if module is not None else \
         list(importlib.util.find_spec(package).submodule_search_locations or [])
-    found: dict[str, str] = {}
-    for info in sorted(pkgutil.iter_modules(paths), key=lambda i: i.name):
+
+
+def _parsed(path: str) -> ast.Module:
+    """The syntax tree of a source file, parsed once per version of the file (one help screen reads some
+    files for several options)."""
+    return _parse(path, Path(path).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(path: str, mtime_ns: int) -> ast.Module:
+    return ast.parse(Path(path).read_text())
+
+
+def declarations(package: str, attribute: str) -> dict[str, dict[str, Any]]:
+    """``{name: {keyword: value}}`` of a package's plug-ins: the literal (str, bool, number) keywords of each
+    ``ATTRIBUTE = X(name=..., ...)``, read from the source."""
+    found: dict[str, dict[str, Any]] = {}
+    for info in sorted(pkgutil.iter_modules(_package_paths(package)), key=lambda i: i.name):
         if info.name.startswith("_") or info.name == "base":
             continue
-        tree = ast.parse(Path(info.module_finder.path, f"{info.name}.py").read_text())
+        tree = _parsed(str(Path(info.module_finder.path, f"{info.name}.py")))
         for node in tree.body:
             if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == attribute for t in node.targets)
                     and isinstance(node.value, ast.Call)):
-                words = {k.arg: k.value.value for k in node.value.keywords
-                         if isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)}
-                if "name" in words:
-                    found[words["name"]] = words.get("description", "")
+                words = {k.arg: k.value.value for k in node.value.keywords if isinstance(k.value, ast.Constant)}
+                if isinstance(words.get("name"), str):
+                    found[words["name"]] = words
     return found
+
+
+def describe(package: str, attribute: str) -> dict[str, str]:
+    """``{name: description}`` of a package's plug-ins: the literal ``name=`` and ``description=`` of each
+    ``ATTRIBUTE = X(...)``, read from the source."""
+    return {name: words.get("description", "") if isinstance(words.get("description"), str) else ""
+            for name, words in declarations(package, attribute).items()}
+
+
+def field_default(module: str, cls: str, field: str) -> Any:
+    """The literal default of dataclass field ``cls.field`` in ``module`` (``upcycle.recipe``), read from the
+    source; LookupError when the class has no such field with a literal default."""
+    package, _, leaf = module.rpartition(".")
+    for folder in _package_paths(package):
+        path = Path(folder, f"{leaf}.py")
+        if not path.is_file():
+            continue
+        for node in _parsed(str(path)).body:
+            if isinstance(node, ast.ClassDef) and node.name == cls:
+                for item in node.body:
+                    if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                            and item.target.id == field and isinstance(item.value, ast.Constant)):
+                        return item.value.value
+    raise LookupError(f"{module}.{cls} has no field {field!r} with a literal default")

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import torch.nn.functional as F
+
 from .checkpoint import CONFIG_FILE, EXPERT_COUNT_KEYS, model_folder, provenance_of, read_recipe
 from .errors import DataError, RecipeError, SourceNotFoundError
+from .io import open_source
+from .runner import StreamedModel, lockstep, resolve_device, resolve_dtype
+from .runner.memory import available_memory
+from .runner.routing import router_logit_sinks
 from .textdata import read_lines
+from .tokenizer import load_tokenizer
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -94,8 +104,6 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def _random_prompts(moe_path: Path):
     """Fixed pseudo-random token ids, for checkpoints that ship no tokenizer (tiny test models)."""
-    import torch
-
     config = json.loads((moe_path / CONFIG_FILE).read_text())
     vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]  # bundled: under text_config
     gen = torch.Generator().manual_seed(0)
@@ -128,10 +136,6 @@ def forced_expert_count(config: Any, expert: int) -> int:
 def copy_expert(module, expert: int, count: int) -> None:
     """Make every routed expert inside ``module`` (a model or one decoder layer) a copy of ``expert``. Experts are
     found as ``...experts.<e>...`` modules or as fused/packed ``[num_experts, ...]`` tensors (and biases)."""
-    import re
-
-    import torch
-
     params = dict(module.named_parameters())
     per_expert = re.compile(r"(^|\.)experts\.(\d+)\.")
     with torch.no_grad():
@@ -162,7 +166,6 @@ def _generate(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, w
     Weights are first rounded to ``weights_dtype`` (the MoE's storage precision, so the dense model
     gets the same rounding the conversion applied), then the model computes in ``dtype``.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=weights_dtype).to(device, dtype).eval()
@@ -181,21 +184,14 @@ def _generate(load_kwargs: dict[str, Any], encoded: list, max_new_tokens: int, w
 
 def _model_bytes(src, dtype) -> int:
     """Bytes of a checkpoint's floating-point tensors in ``dtype``."""
-    import math
-
-    import torch
-
     size = torch.empty(0, dtype=dtype).element_size()
     return sum(math.prod(info.shape) * size for info in src.infos.values() if info.dtype.is_floating_point)
 
 
 def memory_budget(device) -> Optional[int]:
     """Bytes a whole model may take for greedy generation: half the free memory of ``device``, None if unknown."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    from .runner.memory import available_memory
 
     free = available_memory()
     return free // 2 if free is not None else None
@@ -221,8 +217,6 @@ def split_selections(logits, top_k: int, group: int) -> tuple[int, int]:
     The experts are picked as the MoE classes pick them (top-k of the fp32 softmax of the logits); an exact
     split needs every picked group whole. Groups are ``e // group``.
     """
-    import torch
-
     logits = logits.reshape(-1, logits.shape[-1])
     chosen = logits.float().softmax(-1).topk(top_k, dim=-1).indices // group
     per_group = torch.zeros(chosen.shape[0], logits.shape[-1] // group, dtype=torch.long)
@@ -235,11 +229,7 @@ def _compare_layers(dense, moe, encoded, atol: float, quiet: bool, groups: Optio
                     ) -> tuple[list[dict[str, Any]], list, list]:
     """Both models layer by layer on every prompt: per-layer max |Δ hidden|, finiteness and (for a split) the
     router selections that split a virtual group; then the full logits."""
-    import torch
     from tqdm.auto import tqdm
-
-    from .runner import lockstep
-    from .runner.routing import router_logit_sinks
 
     per_layer, sinks = [], []
 
@@ -282,13 +272,7 @@ def verify(dense: str | Path, moe: str | Path, prompts: Optional[list[str]] = No
     ``force_expert`` sends every token to that expert (see :func:`route_all_to_expert`): compare a merge
     with the source of that expert.
     """
-    import torch
-    import torch.nn.functional as F
     from transformers.utils import logging as hf_logging
-
-    from .io import open_source
-    from .runner import StreamedModel, resolve_device, resolve_dtype
-    from .tokenizer import load_tokenizer
 
     if quiet:
         hf_logging.set_verbosity_error()

@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .checkpoint import INDEX_FILE
+from .errors import HubError
+from .hub_push import push
+from .io.writer import write_shards
+from .tensors import SourceCache
 
 
 def write_weights(folder: Path, plan, src, quiet: bool) -> list[str]:
     """Write every tensor of ``plan`` into safetensors shards under ``folder``, one tensor at a time, reading
     ``src`` (a dense source, or a merge's several); returns the file names written (the index too when sharded)."""
     from tqdm.auto import tqdm
-
-    from .io.writer import write_shards
-    from .tensors import SourceCache
 
     by_name = {t.spec.name: t for t in plan.tensors}
     shards = plan.shards()
@@ -37,9 +38,6 @@ def _produce(tensor, src, cache):
 def push_output(output: Path, repo_id: str, private: bool, token: Optional[str], quiet: bool) -> Any:
     """:func:`upcycle.hub_push.push` the finished ``output``; a Hub failure says the output is complete and how
     to resume the upload."""
-    from .errors import HubError
-    from .hub_push import push
-
     try:
         return push(output, repo_id, private=private, token=token, quiet=quiet)
     except HubError as exc:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+import sys
 
 from ..errors import UnsupportedArchitectureError
+from ..registry import collect
 from .base import PROJECTIONS, DenseFamily
 
 __all__ = ["DenseFamily", "PROJECTIONS", "all_families", "family_for_model_type"]
@@ -13,10 +15,6 @@ __all__ = ["DenseFamily", "PROJECTIONS", "all_families", "family_for_model_type"
 @lru_cache(maxsize=1)
 def all_families() -> dict[str, DenseFamily]:
     """Every registered family by name."""
-    import sys
-
-    from ..registry import collect
-
     return collect(sys.modules[__name__], "FAMILY")
 
 

@@ -14,6 +14,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
+from ..checkpoint import CONFIG_FILE, inside_folder
 from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
 
 #: integer sizes a dense config may hold; when present (and not null) each must be an integer >= 1
@@ -80,8 +83,6 @@ def load_checked_config(folder: Path, tensor_names: Iterable[str]) -> Any:
     """The transformers config of a dense model folder, read only after the checks above pass."""
     from transformers import AutoConfig
 
-    from ..checkpoint import CONFIG_FILE, inside_folder
-
     path = inside_folder(Path(folder), CONFIG_FILE, str(folder))  # not a link to another model's config
     config = read_config_json(path)
     check_layer_count(config, tensor_names, str(path))
@@ -99,7 +100,6 @@ def check_required_tensors(config: Any, stored: dict[str, Any], where: str = "th
 
     ``stored`` maps tensor names to objects with a ``shape``. Tensors the class does not have are ignored.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     try:

@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE, WeightFiles, weight_files
 from ..errors import CorruptCheckpointError, SourceNotFoundError
+from .config_check import load_checked_config
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .source import DenseSource
 
@@ -71,8 +72,6 @@ class SafetensorsFolder(DenseSource):
         return self._infos.get(name)  # None for canonical names a family view cuts out of a fused tensor
 
     def load_config(self) -> Any:
-        from .config_check import load_checked_config
-
         return load_checked_config(self.folder, self.infos)
 
 
@@ -129,8 +128,6 @@ class TorchBinFolder(DenseSource):
         return self._load(self._where[name])[name].clone()
 
     def load_config(self) -> Any:
-        from .config_check import load_checked_config
-
         return load_checked_config(self.folder, self.infos)
 
 

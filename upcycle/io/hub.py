@@ -13,13 +13,16 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE
+from ..checkpoint import (CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE,
+                          TORCH_SINGLE_FILE)
 from ..errors import CorruptCheckpointError, SourceNotFoundError
+from .config_check import load_checked_config
+from .folder import open_folder
 from .safetensors_format import STR_TO_DTYPE, TensorInfo
 from .source import TOKENIZER_FILES, DenseSource
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-META_FILES = [CONFIG_FILE, "generation_config.json", CARD_FILE, *TOKENIZER_FILES]
+META_FILES = [CONFIG_FILE, GENERATION_CONFIG_FILE, CARD_FILE, *TOKENIZER_FILES]
 WEIGHT_PATTERNS = (
     [SINGLE_FILE, "model-*-of-*.safetensors", INDEX_FILE],
     [TORCH_SINGLE_FILE, "pytorch_model-*-of-*.bin", TORCH_INDEX_FILE],
@@ -95,8 +98,6 @@ class HubHeadersSource(DenseSource):
         raise RuntimeError("internal error: a headers-only Hub source has no tensor data")
 
     def load_config(self) -> Any:
-        from .config_check import load_checked_config
-
         return load_checked_config(self.folder, self.infos)
 
 
@@ -106,8 +107,6 @@ def open_headers(repo_id: str, revision: Optional[str] = None, quiet: bool = Fal
     Offline, or for repos without safetensors, it falls back to the cached (or downloaded) checkpoint.
     """
     from huggingface_hub import HfApi, constants
-
-    from .folder import open_folder
 
     folder = _snapshot(repo_id, revision, META_FILES, quiet)
     if not constants.HF_HUB_OFFLINE:

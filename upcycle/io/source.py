@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import GENERATION_CONFIG_FILE, inside_folder
 from .safetensors_format import TensorInfo
 from .tokenizer_files import make_tokenizer_config_portable
 
@@ -57,8 +58,6 @@ class DenseSource(ABC):
 
     def save_tokenizer(self, dest: Path) -> list[str]:
         """Copy the tokenizer files next to the output; returns what was written."""
-        from ..checkpoint import inside_folder
-
         written = []
         for name in TOKENIZER_FILES:
             if (self.folder / name).is_file():  # a link to a file elsewhere (a private key, ...) is refused
@@ -71,9 +70,7 @@ class DenseSource(ABC):
         """The dense model's generation config, or one derived from its model config."""
         from transformers import GenerationConfig
 
-        if (self.folder / "generation_config.json").is_file():
-            from ..checkpoint import inside_folder
-
-            inside_folder(self.folder, "generation_config.json", str(self.folder))
+        if (self.folder / GENERATION_CONFIG_FILE).is_file():
+            inside_folder(self.folder, GENERATION_CONFIG_FILE, str(self.folder))
             return GenerationConfig.from_pretrained(self.folder)
         return GenerationConfig.from_model_config(config)

@@ -7,7 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..calibration import calibration_tokenizer
 from ..errors import RecipeError
+from ..families import family_for_model_type
+from ..hub_push import check_can_push
+from ..io.atomic import atomic_folder, check_output
+from ..writing import push_output, write_weights
+from .config import MergeConfig
+from .fidelity import measure_fidelity
+from .loading import load_config
+from .planning import plan_merge, summary as merge_summary, with_router_rows
+from .record import write_model_files, write_record
+from .routers import domain_rows, embed_rows, embedding_key, hidden_rows, uniform_rows
+from .sources import MergedSource, check_compatible, open_checked, source_id
 
 
 @dataclass
@@ -25,9 +37,6 @@ class MergeResult:
 
 
 def _with_overrides(config: Any, overrides: dict[str, Any]):
-    from .config import MergeConfig
-    from .loading import load_config
-
     cfg = load_config(config)
     names = {f.name for f in dataclasses.fields(MergeConfig)}
     unknown = sorted(set(overrides) - names)
@@ -39,9 +48,6 @@ def _with_overrides(config: Any, overrides: dict[str, Any]):
 def open_sources(cfg, quiet: bool, headers_only: bool):
     """The checked :class:`MergedSource` and ``source spec -> id``: every source is opened (headers only in a
     dry run) and compared with the base before any tensor is read."""
-    from ..families import family_for_model_type
-    from .sources import MergedSource, check_compatible, open_checked, source_id
-
     base = open_checked(cfg.base, cfg.base_revision, "base_model", quiet, headers_only)
     base_config = base.load_config()
     base_dict = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
@@ -77,17 +83,9 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
     layer-streamed, so at any size) measures each source's deviation with every token sent to its expert and
     the routing specificity of the prompts, before the output is moved into place.
     """
-    from ..io.atomic import atomic_folder, check_output
-    from ..writing import push_output, write_weights
-    from .fidelity import measure_fidelity
-    from .planning import plan_merge, summary as merge_summary
-    from .record import write_model_files, write_record
-
     cfg = _with_overrides(config, overrides)
     output = Path(output)
     if push_to_hub and not dry_run:
-        from ..hub_push import check_can_push
-
         hub_token = check_can_push(push_to_hub, hub_token)
     if not dry_run:
         check_output(output, force)
@@ -114,10 +112,6 @@ def merge(config: Any, output: str | Path, *, force: bool = False, dry_run: bool
 
 def _with_routers(plan, cfg, merged, base_config):
     """The plan with router rows from prompts, domain text or the uniform init (normal/zeros: as planned)."""
-    from ..calibration import calibration_tokenizer
-    from .planning import with_router_rows
-    from .routers import domain_rows, embed_rows, embedding_key, hidden_rows, uniform_rows
-
     init, layers = cfg.router_init, plan.moe_layers
     if init in ("normal", "zeros"):
         return plan

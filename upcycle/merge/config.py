@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..card import check_base_model
 from ..errors import RecipeError
+from ..recipe import DTYPES, MAX_SEED, parse_size
 
 SHARED_WEIGHTS = ("base", "average")
 ROUTER_INITS = ("hidden", "embed", "domain", "normal", "uniform", "zeros")
@@ -81,8 +83,6 @@ class MergeConfig:
 
     def validate(self) -> "MergeConfig":
         """Check what needs no model; raise :class:`RecipeError` naming the key and the fix."""
-        from ..recipe import DTYPES, MAX_SEED, parse_size
-
         if not self.experts:
             raise RecipeError("experts: list at least one expert (each with a 'source')")
         for name in ("base_model", "base_revision"):
@@ -128,8 +128,6 @@ def _expert_dict(expert: ExpertSpec) -> dict[str, Any]:
 
 
 def _check_card_base_model(ids: Any) -> None:
-    from ..card import check_base_model
-
     where = "--base-model (card_base_model)"
     if not isinstance(ids, tuple) or not all(isinstance(i, str) for i in ids):
         raise RecipeError(f"{where}: give Hub repo ids (namespace/name), one or a list, got {ids!r}")

@@ -7,7 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from ..errors import VerificationError
+from ..verify import verify as run_verify
+from .compare import compare_sources
 from .record import write_provenance
+from .specificity import routing_specificity
 
 
 def _dense_spec(source) -> str:
@@ -23,12 +29,6 @@ def measure_fidelity(folder: Path, cfg, merged, ids: dict[str, str], plan, summa
     Exact claims are checked: a source that differs from the base only in its FFN must be reproduced
     (else :class:`VerificationError`, nothing written).
     """
-    import torch
-
-    from ..errors import VerificationError
-    from ..verify import verify as run_verify
-    from .compare import compare_sources
-
     if verify is False:
         return {"skipped": "disabled with --no-verify"}
     matches = compare_sources(merged)
@@ -66,8 +66,6 @@ def measure_fidelity(folder: Path, cfg, merged, ids: dict[str, str], plan, summa
                                         f"sent to expert {index} the logits differ by {report.max_abs_logit_diff:.3g};"
                                         " nothing was written. This is a bug in upcycle: please report it")
         if all(e.prompts for e in cfg.experts):
-            from .specificity import routing_specificity
-
             spec = routing_specificity(folder, [e.prompts for e in cfg.experts])
             results["specificity"] = {k: spec[k] for k in ("mean_top1", "mean_topk", "chance_top1", "top1")}
     finally:

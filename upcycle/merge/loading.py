@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
+from ..io.yaml_load import load_config_file
 from .config import MergeConfig, parse_config
 from .mergekit import from_mergekit, is_mergekit
 
@@ -13,8 +14,6 @@ from .mergekit import from_mergekit, is_mergekit
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML or JSON file, read as recipe files are (:mod:`upcycle.io.yaml_load`: no YAML
     aliases, no NaN/Infinity in JSON, bounded size and depth)."""
-    from ..io.yaml_load import load_config_file
-
     data = load_config_file(path, "merge config")
     if not isinstance(data, dict):
         raise RecipeError(f"merge config {path} must hold a mapping of keys to values")

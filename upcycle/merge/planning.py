@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UnsupportedArchitectureError
 from ..experts import ExpertSlice, LayerExperts, MethodContext
+from ..families import family_for_model_type
 from ..plan import ConversionPlan, make_plan
 from ..recipe import Recipe
 from ..targets import MoeTarget, all_targets, auto_candidates
@@ -70,8 +71,6 @@ def expert_builder(config: MergeConfig, ids: dict[str, str]) -> Callable[[Method
 
 def plan_merge(config: MergeConfig, base_config: Any, infos: dict[str, Any], ids: dict[str, str]) -> ConversionPlan:
     """The converter's plan for this merge, read from configs and tensor headers only."""
-    from ..families import family_for_model_type
-
     cfg = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
     family = family_for_model_type(cfg.get("model_type", ""))
     try:

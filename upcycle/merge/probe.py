@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import torch
 
+from ..runner import StreamedModel, resolve_device
+
 
 def ffn_module_name(family: Any, layer: int) -> str:
     """Dotted path of layer ``layer``'s FFN module (``model.layers.3.mlp``)."""
@@ -22,8 +24,6 @@ class FfnInputs:
     """The dense base model, streamed layer by layer, with a forward-pre hook on each listed layer's FFN."""
 
     def __init__(self, src: Any, family: Any, layers: list[int], device: str = "cpu"):
-        from ..runner import StreamedModel, resolve_device
-
         self.model = StreamedModel(src, device=resolve_device(device), dtype=torch.float32)
         modules = dict(self.model.model.named_modules())
         self.layers = sorted(layers)

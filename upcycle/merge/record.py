@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from ..card import REPO_PLACEHOLDER, render_card, resolve_base_models, source_license
+from ..checkpoint import (CARD_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, RECIPE_FILE, library_versions, provenance_of,
+                          read_recipe, write_recipe)
+
 
 def write_provenance(folder: Path, plan, cfg, summary: dict[str, Any], extra: dict[str, Any]) -> None:
     """``upcycle_recipe.json``: the plan's flat recipe keys, provenance, and the merge config plus ``extra``."""
-    from ..checkpoint import library_versions, write_recipe
-
     provenance = {"source": cfg.base, "versions": library_versions(), **summary, "merge": {**cfg.to_dict(), **extra}}
     # flat keys say what was done (method merge, the merge's router init): `inspect` reads them
     write_recipe(folder, {**plan.recipe.to_dict(), "method": "merge", "router_init": cfg.router_init}, provenance)
@@ -19,21 +21,16 @@ def write_provenance(folder: Path, plan, cfg, summary: dict[str, Any], extra: di
 
 def write_model_files(folder: Path, plan, merged, base_config) -> list[str]:
     """config.json (and remote code), the base's generation config and tokenizer."""
-    from ..checkpoint import CONFIG_FILE
-
     plan.target.build_config(plan).save_pretrained(folder)
     written = [CONFIG_FILE] + plan.target.write_extra_files(folder, plan)
     merged.generation_config(base_config).save_pretrained(folder)
-    written.append("generation_config.json")
+    written.append(GENERATION_CONFIG_FILE)
     return written + merged.save_tokenizer(folder)
 
 
 def write_record(folder: Path, plan, cfg, merged, summary: dict[str, Any], verification: dict[str, Any],
                   repo_id: Optional[str]) -> list[str]:
     """upcycle_recipe.json (the merge config under ``upcycle.merge``) and the model card listing every source."""
-    from ..card import render_card, resolve_base_models, source_license
-    from ..checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE, provenance_of, read_recipe
-
     forced = provenance_of(read_recipe(folder)).get("merge", {}).get("forced_exact")
     write_provenance(folder, plan, cfg, {**summary, "verification": verification},
                       {"forced_exact": forced} if forced is not None else {})
@@ -72,8 +69,6 @@ def _card_merge_section(cfg, verification: dict[str, Any]) -> str:
 
 def _card_verification(verification: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The card's verification line: skipped, the base comparison (identical sources), or per-source results."""
-    from ..card import REPO_PLACEHOLDER as REPO
-
     if "skipped" in verification:
         return verification
     if "base" in verification:
@@ -81,4 +76,5 @@ def _card_verification(verification: dict[str, Any]) -> Optional[dict[str, Any]]
     rows = "; ".join(f"{r['source']} {r['max_abs_logit_diff']:.3g}" + (" (exact)" if r["exact_expected"] else "")
                      for r in verification["sources"])
     return {"text": f"measured at conversion time with every token sent to each source's expert, max |Δlogit| vs "
-                    f"that source at float32: {rows}; check with `upcycle verify SOURCE {REPO} --force-expert E`"}
+                    f"that source at float32: {rows}; check with "
+                    f"`upcycle verify SOURCE {REPO_PLACEHOLDER} --force-expert E`"}

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..calibration import SEQUENCE_LENGTH, tokenize_calibration
 from ..errors import RecipeError
 from ..routers.base import scale_rows
 from .config import MergeConfig
@@ -74,8 +75,6 @@ def hidden_rows(config: MergeConfig, src: Any, family: Any, layers: list[int], t
 def domain_rows(config: MergeConfig, src: Any, family: Any, layers: list[int], tokenizer: Any,
                 max_positions: Optional[int]) -> dict[int, torch.Tensor]:
     """``layer -> [E, H]`` rows: the centroid of each expert's calibration-text FFN inputs."""
-    from ..calibration import SEQUENCE_LENGTH, tokenize_calibration
-
     length = min(SEQUENCE_LENGTH, max_positions or SEQUENCE_LENGTH)
     per_expert = []
     with FfnInputs(src, family, layers) as model:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import UnsupportedArchitectureError, UpcycleError
+from ..io import open_source
 from ..io.safetensors_format import TensorInfo
 from ..io.source import DenseSource
 from ..tensors import SOURCE_SEPARATOR as SEPARATOR
@@ -130,8 +131,6 @@ class MergedSource(DenseSource):
 
 def open_checked(spec: str, revision: Optional[str], where: str, quiet: bool, headers_only: bool) -> DenseSource:
     """Open one source, naming the config entry in the error when it cannot be opened."""
-    from ..io import open_source
-
     try:
         return open_source(spec, revision, quiet=quiet, headers_only=headers_only)
     except UpcycleError as exc:

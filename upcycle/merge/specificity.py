@@ -12,13 +12,18 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..checkpoint import CONFIG_FILE, expert_count, experts_per_token
+from ..io import open_source
+from ..runner import StreamedModel, resolve_device, resolve_dtype
+from ..runner.routing import router_logit_sinks
+from ..tokenizer import load_tokenizer
+from .probe import encode_prompts
+
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
 def num_experts_of(folder: Path) -> tuple[int, int]:
     """``(num_experts, top_k)`` from an MoE config (native or bundled)."""
-    from ..checkpoint import CONFIG_FILE, expert_count, experts_per_token
-
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
     top_k = experts_per_token(config)
     return int(expert_count(config)), int(top_k[0] if isinstance(top_k, list) else top_k)
@@ -32,12 +37,6 @@ def routing_specificity(moe: str | Path, prompts: Sequence[Sequence[str]], token
     "tokens": [per expert]}``. Special tokens are left out. The MoE runs one decoder layer at a time
     (:mod:`upcycle.runner`), so memory is one layer plus the prompts' hidden states, whatever its size.
     """
-    from ..io import open_source
-    from ..runner import StreamedModel, resolve_device, resolve_dtype
-    from ..runner.routing import router_logit_sinks
-    from ..tokenizer import load_tokenizer
-    from .probe import encode_prompts
-
     folder = Path(moe)
     num_experts, top_k = num_experts_of(folder)
     if len(prompts) != num_experts:

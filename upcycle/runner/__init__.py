@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..io import open_source
 from .device import DTYPES, MAX_LAYERS_ENV, LayerCapError, layer_cap, resolve_device, resolve_dtype
 from .streamed import StreamedModel, build_skeleton, decoder_layers
 
@@ -47,8 +48,6 @@ def lockstep(models: list[StreamedModel], batches: list[torch.Tensor], on_embedd
 def open_streamed(spec: str, *, device: str = "cpu", dtype: str = "float32", weights_dtype: Optional[str] = None,
                   max_layers: Optional[int] = None) -> StreamedModel:
     """A :class:`StreamedModel` over a dense source spec or an upcycle output folder."""
-    from ..io import open_source
-
     return StreamedModel(open_source(spec), device=resolve_device(device), dtype=resolve_dtype(dtype),
                          weights_dtype=resolve_dtype(weights_dtype) if weights_dtype else None,
                          max_layers=max_layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Optional
+import ctypes
+import ctypes.util
 
 
 def available_memory() -> Optional[int]:
@@ -41,8 +43,6 @@ def limit_heap_growth(threshold: int = 1 << 20) -> None:
     if _HEAP_LIMITED:
         return
     _HEAP_LIMITED = True
-    import ctypes
-    import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import SourceNotFoundError
 from ..io.source import DenseSource
+from ..modeling import register_model
 from .device import LayerCapError, layer_cap
 from .memory import limit_heap_growth
 from .weights import CheckpointWeights, move_buffers, release
@@ -47,8 +48,6 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """The ``*ForCausalLM`` of ``config`` with parameters on the meta device (buffers real, on CPU)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from ..modeling import register_model
 
     register_model()
     with init_empty_weights(include_buffers=False):
@@ -79,7 +78,7 @@ def _key_mapping(model: nn.Module) -> Optional[dict[str, str]]:
     """The key renames ``from_pretrained`` passes for the bundled model (the dense family's)."""
     if getattr(model.config, "model_type", "") != "upcycle_moe":
         return None
-    from ..modeling.modeling_upcycle_moe import dense_key_renames
+    from ..modeling.modeling_upcycle_moe import dense_key_renames  # transformers' modeling stack, for upcycle_moe only
 
     return dense_key_renames(model.config.text_config.model_type) or None
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Optional
+import sys
 
 from ..errors import UnsupportedArchitectureError
 from ..families import DenseFamily
+from ..registry import collect
 from .base import MoeTarget
 
 __all__ = ["FALLBACK_TARGET", "MoeTarget", "all_targets", "auto_candidates", "choose_target"]
@@ -19,10 +21,6 @@ FALLBACK_TARGET = "upcycle"
 @lru_cache(maxsize=1)
 def all_targets() -> dict[str, MoeTarget]:
     """Every registered target by name."""
-    import sys
-
-    from ..registry import collect
-
     return collect(sys.modules[__name__], "TARGET")
 
 

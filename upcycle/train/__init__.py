@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from typing import Any
+import importlib
 
 __all__ = ["train", "TrainOptions", "TrainResult", "UpcycleTrainer", "ExpertLoadCallback", "measure_routing",
            "plot_routing_heatmap"]
@@ -17,7 +18,5 @@ _LAZY = {"train": ".run", "TrainOptions": ".run", "TrainResult": ".run", "Upcycl
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'upcycle.train' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from transformers import TrainerCallback
+import torch.distributed as dist
 
 
 def assignment_counts(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
@@ -55,8 +56,6 @@ def log_entries(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor

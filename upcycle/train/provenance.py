@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+import shutil
 
 from ..checkpoint import CARD_FILE, RECIPE_FILE, read_recipe, write_recipe
 
@@ -34,8 +35,6 @@ def record_training(source: Path, output: Path, run: dict[str, Any]) -> None:
 def copy_code_files(source: Path, output: Path) -> list[str]:
     """Copy the source's remote-code modules (``*.py``, e.g. the bundled model's) that ``output`` lacks,
     so the trained checkpoint still loads with ``trust_remote_code`` where upcycle is not installed."""
-    import shutil
-
     copied = []
     for file in sorted(Path(source).glob("*.py")):
         if not (Path(output) / file.name).exists():

@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..checkpoint import model_folder
+from ..errors import RecipeError
+from ..io import open_source
+from ..runner import StreamedModel, resolve_device, resolve_dtype
+from ..runner.routing import router_logit_sinks
+from ..tokenizer import load_tokenizer
+from .data import PackedDataset, tokenise, vocab_check
+from .moe_model import load_moe_config, router_layers, text_attr
+from .monitor import assignment_counts, load_stats
+from .run import eos_id
 
 
 def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512, max_tokens: int = 65536,
@@ -17,17 +28,6 @@ def measure_routing(model_path: str | Path, data: str | Path, seq_len: int = 512
     ``max_tokens``. The model runs one decoder layer at a time (:mod:`upcycle.runner`): memory is one layer
     plus the hidden states of the tokens, whatever the model's size.
     """
-    import torch
-
-    from ..io import open_source
-    from ..runner import StreamedModel, resolve_device, resolve_dtype
-    from ..runner.routing import router_logit_sinks
-    from ..tokenizer import load_tokenizer
-    from .data import PackedDataset, tokenise, vocab_check
-    from .moe_model import load_moe_config, router_layers, text_attr
-    from .monitor import assignment_counts, load_stats
-    from .run import eos_id
-
     model_path = model_folder(model_path)
     config, num_experts, top_k = load_moe_config(model_path)
     tokenizer = load_tokenizer(model_path)
@@ -59,8 +59,6 @@ def plot_routing_heatmap(stats: dict[str, Any], path: str | Path, title: Optiona
     try:
         import matplotlib
     except ImportError:
-        from ..errors import RecipeError
-
         raise RecipeError("the routing heatmap needs matplotlib: pip install 'upcycle[train]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import accelerate
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
 from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
+from ..tokenizer import load_tokenizer
+from .data import load_packed
+from .moe_model import choose_seq_len, freeze_except, load_moe_config, parse_train_groups, router_layers, text_attr
+from .monitor import ExpertLoadCallback
+from .provenance import copy_code_files, record_training
 
 CHECKPOINTS = "checkpoints"
 
@@ -74,8 +85,6 @@ class TrainResult:
 
 
 def _resume_checkpoint(output: Path, options: TrainOptions) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
-
     folder = output / CHECKPOINTS
     if options.resume:
         last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -92,8 +101,6 @@ def _resume_checkpoint(output: Path, options: TrainOptions) -> Optional[str]:
 
 def eos_id(tokenizer: Any, config: Any) -> Optional[int]:
     """The document separator: the tokenizer's EOS, else the config's (first one when a list)."""
-    from .moe_model import text_attr
-
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     if eos is None:
         eos = text_attr(config, "eos_token_id")
@@ -120,11 +127,7 @@ def train(model_path: str | Path, data: str | Path, output: str | Path,
     """
     from transformers import default_data_collator
 
-    from ..tokenizer import load_tokenizer
-    from .data import load_packed
-    from .moe_model import choose_seq_len, load_moe_config, parse_train_groups, text_attr
-    from .monitor import ExpertLoadCallback
-    from .provenance import copy_code_files, record_training
+    # on use, here and below: transformers.Trainer and datasets; eos_id's user (inspect --routing) needs neither
     from .trainer import UpcycleTrainer
 
     options = dataclasses.replace(options or TrainOptions(), **overrides).validate()
@@ -179,10 +182,6 @@ def _prepare_model(model_path: Path, options: TrainOptions, groups: set[str], nu
 
     Returns the model, the decoder layer of each router and the config values to restore on save.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .moe_model import freeze_except, router_layers
     from .trainer import set_model_router_losses
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -213,8 +212,6 @@ def _training_arguments(output: Path, options: TrainOptions):
     ``extra_args`` may replace a default (``save_total_limit``, ``ddp_find_unused_parameters``, ...) or add any
     other field, but not a field an option sets: that is refused, naming the option to use instead.
     """
-    from transformers import TrainingArguments
-
     settings = dict(
         output_dir=str(output / CHECKPOINTS), max_steps=options.max_steps, num_train_epochs=options.epochs,
         learning_rate=options.learning_rate, per_device_train_batch_size=options.batch_size,
@@ -256,8 +253,6 @@ def _save_final(trainer: Any, output: Path, options: TrainOptions, restore: dict
 
 
 def _dtype_of(config: Any) -> Any:
-    import torch
-
     dtype = getattr(config, "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -265,11 +260,7 @@ def _dtype_of(config: Any) -> Any:
 def _check_sharding_launcher() -> None:
     """Refuse an FSDP launch on a machine without GPU: accelerate enables FSDP only on accelerators and would
     run plain DDP (every process holding the whole model) without saying so."""
-    import os
-
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_accelerator():
-        import accelerate
-
         raise RecipeError(f"FSDP was requested (accelerate launch with an FSDP config), but accelerate "
                           f"{accelerate.__version__} shards only on GPUs and would run unsharded DDP on this CPU-only "
                           "machine; launch without the FSDP config for DDP over gloo, or shard on CPU with "
@@ -282,16 +273,12 @@ def _has_accelerator() -> bool:
     Without one, TrainingArguments must be told ``use_cpu``: otherwise accelerate does not pick its
     multi-CPU (gloo) mode under torchrun, and each process would train alone; --bf16 needs it too.
     """
-    import torch
-
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _checkpointing_arg(enabled: bool) -> dict[str, bool]:
     """``activation_checkpointing`` (transformers >= 5.x) or its older name ``gradient_checkpointing``."""
-    from transformers import TrainingArguments
-
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
