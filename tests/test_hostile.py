@@ -707,3 +707,43 @@ def test_option_value_that_is_not_yaml_is_kept_as_text():
 
     assert parse_options(("a=4", "b=0.5", "c=true", "d=[1, 2]", "e=x: y: z", "f=")) == {
         "a": 4, "b": 0.5, "c": True, "d": [1, 2], "e": "x: y: z", "f": None}
+
+
+# --- gaps found by the audit of issue 13 (helper h13) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_moe(tmp_path_factory, llama) -> Path:
+    out = tmp_path_factory.mktemp("hostile_moe") / "moe"
+    assert convert(llama, out, "-e", "4", "-k", "2").exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--epochs", "nan"], "error: --epochs must be a finite number, got nan"),
+    (["--epochs", "inf"], "error: --epochs must be a finite number, got inf"),
+    (["--lr", "nan"], "error: --learning-rate must be a finite number, got nan"),
+    (["--learning-rate", "-inf"], "error: --learning-rate must be a finite number, got -inf"),
+    (["--z-loss-coef", "inf"], "error: --z-loss-coef must be a finite number, got inf"),
+    (["--aux-loss-coef", "nan"], "error: --aux-loss-coef must be a finite number, got nan"),
+    (["--aux-loss-coef", "-0.5"], "error: --aux-loss-coef must be >= 0, got -0.5"),
+])
+def test_train_non_finite_option_refused(tmp_path, small_moe, args, line):
+    """train --epochs nan/inf, --lr nan, --z-loss-coef inf, --aux-loss-coef nan were tracebacks (or a silent run)
+    that left the output folder behind."""
+    (tmp_path / "data.txt").write_text("the a of to and in is it that was\n" * 50)
+    before = tree_hashes(small_moe)
+    out = tmp_path / "trained"
+    result = run_cli("train", small_moe, "--data", tmp_path / "data.txt", "-o", out, "-q", "--seq-len", "16", *args)
+    assert result.exit_code == 2, result.output
+    assert assert_clean_error(result, out) == line
+    assert tree_hashes(small_moe) == before
+
+
+@pytest.mark.parametrize("name", ["epochs", "learning_rate", "z_loss_coef", "aux_loss_coef", "weight_decay"])
+def test_train_options_validate_refuses_non_finite_floats(name):
+    from upcycle.errors import RecipeError
+    from upcycle.train.run import TrainOptions
+
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(RecipeError, match=f"--{name.replace('_', '-')} must be a finite number"):
+            TrainOptions(**{name: value}).validate()

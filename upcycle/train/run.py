@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +46,15 @@ class TrainOptions:
     extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
 
     def validate(self) -> "TrainOptions":
+        for name, low in (("epochs", None), ("learning_rate", None), ("aux_loss_coef", 0.0), ("z_loss_coef", 0.0),
+                          ("weight_decay", 0.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RecipeError(f"{_flag(name)} must be a finite number, got {value!r}")
+            if low is not None and value < low:
+                raise RecipeError(f"{_flag(name)} must be >= {low:g}, got {value:g}")
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -60,6 +70,10 @@ class TrainOptions:
             raise RecipeError(f"extra_args sets {', '.join(owned)}, which TrainOptions sets already; use "
                               + ", ".join(f"TrainOptions.{OPTION_OWNED_ARGS[k]}" for k in owned) + " instead")
         return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
