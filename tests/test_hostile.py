@@ -747,3 +747,38 @@ def test_train_options_validate_refuses_non_finite_floats(name):
     for value in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(RecipeError, match=f"--{name.replace('_', '-')} must be a finite number"):
             TrainOptions(**{name: value}).validate()
+
+
+@pytest.mark.parametrize("fields,line_end", [
+    ({"num_experts_per_tok": 99}, "'num_experts_per_tok' is 99, more experts per token than 'num_local_experts' (4); "
+                                  "set it to at most 4"),
+    ({"num_local_experts": 0}, "'num_local_experts' must be an integer >= 1 (or a list of them), got 0"),
+    ({"num_experts_per_tok": 0}, "'num_experts_per_tok' must be an integer >= 1 (or a list of them), got 0"),
+    ({"num_local_experts": 4.0}, "'num_local_experts' must be an integer >= 1 (or a list of them), got 4.0"),
+])
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_moe_config_expert_fields_checked(tmp_path, llama, small_moe, fields, line_end, command):
+    """inspect printed 'top-99' with more active than total parameters, or 'experts: None x 96'; verify was a
+    'selected index k out of range' traceback."""
+    folder = copy(small_moe, tmp_path / "moe")
+    (folder / "config.json").write_text(json.dumps({**read_json(folder / "config.json"), **fields}))
+    args = ("inspect", folder) if command == "inspect" else ("verify", llama, folder, "-q")
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {folder / 'config.json'}: {line_end}"], result.output
+    if command == "inspect":
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_dense_config_with_a_generation_top_k_is_not_an_moe_config(tmp_path, llama):
+    from upcycle.io.config_check import check_config_dict
+
+    check_config_dict({"model_type": "llama", "top_k": 50}, "config.json")  # no expert count: not checked
+    with pytest.raises(Exception, match="'top_k' is 50"):
+        check_config_dict({"model_type": "llama", "num_experts": 8, "top_k": 50}, "config.json")
+    check_config_dict({"model_type": "upcycle_moe", "text_config": {"num_local_experts": 4, "num_experts_per_tok": [2, 2]}},
+                      "config.json")
+    with pytest.raises(Exception, match="'text_config.num_experts_per_tok' is \\[2, 5\\]"):
+        check_config_dict({"model_type": "upcycle_moe", "text_config": {"num_local_experts": 4,
+                                                                         "num_experts_per_tok": [2, 5]}}, "config.json")
