@@ -782,3 +782,54 @@ def test_dense_config_with_a_generation_top_k_is_not_an_moe_config(tmp_path, lla
     with pytest.raises(Exception, match="'text_config.num_experts_per_tok' is \\[2, 5\\]"):
         check_config_dict({"model_type": "upcycle_moe", "text_config": {"num_local_experts": 4,
                                                                          "num_experts_per_tok": [2, 5]}}, "config.json")
+
+
+def test_huge_expert_count_dry_run_is_estimated_without_planning_every_expert(tmp_path, llama, monkeypatch):
+    """convert --dry-run -e 100000 planned every expert (77 s, 1.5 GB; a recipe with 10000000 experts would
+    exhaust memory). Now it reports the sizes from two small plans, in bounded time and memory."""
+    import upcycle.plan as plan_module
+
+    planned = []
+    real = plan_module.make_plan
+
+    def counting(config, infos, recipe, *args, **kwargs):
+        planned.append(recipe.num_experts)
+        return real(config, infos, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "make_plan", counting)
+    out = tmp_path / "moe"
+    result = run_cli("convert", llama, out, "-q", "--dry-run", "--json", "-e", "100000", "-k", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert max(planned) <= 3 and not out.exists(), planned
+    assert summary["estimated"] and summary["num_experts"] == 100000 and summary["dry_run"]
+    small = json.loads(run_cli("convert", llama, out, "-q", "--dry-run", "--json", "-e", "300", "-k", "2").stdout)
+    per_expert = (summary["output_bytes"] - small["output_bytes"]) / (100000 - 300)
+    assert per_expert > 0 and summary["output_bytes"] > 10**9
+    assert summary["shards"] >= summary["output_bytes"] // (5 * 10**9)
+
+
+def test_dry_run_refuses_what_the_real_run_would_refuse_for_space(tmp_path, llama, monkeypatch):
+    import upcycle.io.atomic as atomic
+
+    monkeypatch.setattr(atomic, "free_bytes", lambda folder: 10_000_000)
+    for experts in ("64", "10000000"):
+        start = time.monotonic()
+        refused(llama, tmp_path / "moe", "not enough free space", "(10000000 bytes) free",
+                args=["-e", experts, "-k", "2", "--dry-run"])
+        assert time.monotonic() - start < 30
+
+
+def test_estimated_summary_matches_the_plan(llama):
+    from upcycle.convert import build_recipe, estimate_summary
+    from upcycle.io import open_source
+    from upcycle.plan import make_plan
+
+    src = open_source(str(llama))
+    config, recipe = src.load_config(), build_recipe(None, num_experts=301, top_k=2, max_shard_size="200KB")
+    actual, estimate = make_plan(config, src.infos, recipe).summary(), estimate_summary(config, src.infos, recipe)
+    assert estimate.pop("estimated") is True
+    assert {k: v for k, v in estimate.items() if k not in ("output_bytes", "shards")} == \
+        {k: v for k, v in actual.items() if k not in ("output_bytes", "shards")}
+    assert abs(estimate["output_bytes"] - actual["output_bytes"]) / actual["output_bytes"] < 0.001
+    assert actual["shards"] * 0.9 <= estimate["shards"] <= actual["shards"]
