@@ -833,3 +833,27 @@ def test_estimated_summary_matches_the_plan(llama):
         {k: v for k, v in actual.items() if k not in ("output_bytes", "shards")}
     assert abs(estimate["output_bytes"] - actual["output_bytes"]) / actual["output_bytes"] < 0.001
     assert actual["shards"] * 0.9 <= estimate["shards"] <= actual["shards"]
+
+
+def test_absolute_index_path_inside_the_folder_is_worded_right(tmp_path, llama):
+    """An absolute weight_map path that lies inside the folder was refused as 'points outside the model folder'."""
+    folder = copy(llama, tmp_path / "src")
+    header, _ = header_of(folder / "model.safetensors")
+    weight_map = {k: str(folder / "model.safetensors") for k in header if k != "__metadata__"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    line = refused(folder, tmp_path / "moe", "is an absolute path", "'model.safetensors'")
+    assert "outside" not in line
+
+
+def test_config_that_is_null_says_null(tmp_path, llama):
+    folder = copy(llama, tmp_path / "src")
+    (folder / "config.json").write_text("null")
+    line = refused(folder, tmp_path / "moe", "must be a JSON object, not null")
+    assert "NoneType" not in line
+    (folder / "config.json").write_text("[1]")
+    refused(folder, tmp_path / "moe", "must be a JSON object, not an array")
+
+
+def test_one_foreign_method_option_needs_its_method(tmp_path, llama):
+    refused(llama, tmp_path / "moe", "--drop-ratio needs --method drop (got --method replicate)",
+            args=["--drop-ratio", "0.3"])

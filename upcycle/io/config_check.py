@@ -45,7 +45,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
 def check_config_dict(config: Any, where: str) -> None:
     """The checks of :func:`read_config_json` on an already parsed config."""
     if not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{where}: a config must be a JSON object, not a {type(config).__name__}")
+        raise CorruptCheckpointError(f"{where}: a config must be a JSON object, not {_json_kind(config)}")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise CorruptCheckpointError(f"{where}: 'model_type' is missing or not a string "
@@ -78,6 +78,14 @@ def check_moe_fields(config: dict[str, Any], where: str, prefix: str = "") -> No
         raise CorruptCheckpointError(f"{where}: '{prefix}{top_key}' is {config[top_key]!r}, more experts per token "
                                      f"than '{prefix}{count_key}' ({config[count_key]!r}); set it to at most "
                                      f"{min(count)}")
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON calls ``value``'s type: ``null``, ``an array``, ``a string``, ..."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = ((list, "an array"), (str, "a string"), ((int, float), "a number"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
 
 
 def _positive_ints(value: Any, what: str) -> list[int]:
