@@ -46,15 +46,11 @@ class TrainOptions:
     extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
 
     def validate(self) -> "TrainOptions":
-        for name, low in (("epochs", None), ("learning_rate", None), ("aux_loss_coef", 0.0), ("z_loss_coef", 0.0),
-                          ("weight_decay", 0.0)):
+        for name in ("epochs", "learning_rate", "aux_loss_coef", "z_loss_coef", "weight_decay"):
             value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
                 raise RecipeError(f"{_flag(name)} must be a finite number, got {value!r}")
-            if low is not None and value < low:
-                raise RecipeError(f"{_flag(name)} must be >= {low:g}, got {value:g}")
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -62,7 +58,7 @@ class TrainOptions:
             raise RecipeError("give --max-steps > 0 or --epochs > 0")
         if self.learning_rate <= 0 or self.warmup < 0:
             raise RecipeError("--learning-rate must be > 0 and --warmup >= 0")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "weight_decay"):
             if (getattr(self, name) or 0) < 0:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 0")
         owned = sorted(k for k in self.extra_args if k in OPTION_OWNED_ARGS)
