@@ -464,7 +464,7 @@ def test_binary_prompt_file_refused(tmp_path, llama):
 
 @pytest.mark.parametrize("breakage", ["config_not_json", "recipe_not_json", "recipe_a_list", "index_a_list",
                                       "header_truncated", "header_a_list", "architectures_a_dict",
-                                      "text_config_a_list"])
+                                      "text_config_a_list", "top_k_a_string"])
 def test_inspect_on_a_broken_folder_is_one_line(tmp_path, llama, breakage):
     out = tmp_path / "moe"
     assert convert(llama, out, "-e", "2", "-k", "1").exit_code == 0
@@ -483,7 +483,9 @@ def test_inspect_on_a_broken_folder_is_one_line(tmp_path, llama, breakage):
         _, data = header_of(out / "model.safetensors")
         write_safetensors(out / "model.safetensors", b"[]", data)
     elif breakage == "architectures_a_dict":
-        (out / "config.json").write_text(json.dumps({**config, "architectures": {"a": 1}, "num_experts_per_tok": "2"}))
+        (out / "config.json").write_text(json.dumps({**config, "architectures": {"a": 1}}))
+    elif breakage == "top_k_a_string":  # was described as 'top-2' (exit 0); MoE fields are now checked
+        (out / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": "2"}))
     elif breakage == "text_config_a_list":
         (out / "config.json").write_text(json.dumps({**config, "text_config": [1], "num_hidden_layers": None}))
     result = run_cli("inspect", out)
@@ -709,3 +711,153 @@ def test_option_value_that_is_not_yaml_is_kept_as_text():
 
     assert parse_options(("a=4", "b=0.5", "c=true", "d=[1, 2]", "e=x: y: z", "f=")) == {
         "a": 4, "b": 0.5, "c": True, "d": [1, 2], "e": "x: y: z", "f": None}
+
+
+# --- gaps found by the audit of issue 13 (helper h13) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_moe(tmp_path_factory, llama) -> Path:
+    out = tmp_path_factory.mktemp("hostile_moe") / "moe"
+    assert convert(llama, out, "-e", "4", "-k", "2").exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--epochs", "nan"], "error: --epochs must be a finite number, got nan"),
+    (["--epochs", "inf"], "error: --epochs must be a finite number, got inf"),
+    (["--lr", "nan"], "error: --learning-rate must be a finite number, got nan"),
+    (["--learning-rate", "-inf"], "error: --learning-rate must be a finite number, got -inf"),
+    (["--z-loss-coef", "inf"], "error: --z-loss-coef must be a finite number, got inf"),
+    (["--aux-loss-coef", "nan"], "error: --aux-loss-coef must be a finite number, got nan"),
+    (["--aux-loss-coef", "-0.5"], "error: --aux-loss-coef must be >= 0"),
+])
+def test_train_non_finite_option_refused(tmp_path, small_moe, args, line):
+    """train --epochs nan/inf, --lr nan, --z-loss-coef inf, --aux-loss-coef nan were tracebacks (or a silent run)
+    that left the output folder behind."""
+    (tmp_path / "data.txt").write_text("the a of to and in is it that was\n" * 50)
+    before = tree_hashes(small_moe)
+    out = tmp_path / "trained"
+    result = run_cli("train", small_moe, "--data", tmp_path / "data.txt", "-o", out, "-q", "--seq-len", "16", *args)
+    assert result.exit_code == 2, result.output
+    assert assert_clean_error(result, out) == line
+    assert tree_hashes(small_moe) == before
+
+
+@pytest.mark.parametrize("name", ["epochs", "learning_rate", "z_loss_coef", "aux_loss_coef", "weight_decay"])
+def test_train_options_validate_refuses_non_finite_floats(name):
+    from upcycle.errors import RecipeError
+    from upcycle.train.run import TrainOptions
+
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(RecipeError, match=f"--{name.replace('_', '-')} must be a finite number"):
+            TrainOptions(**{name: value}).validate()
+
+
+@pytest.mark.parametrize("fields,line_end", [
+    ({"num_experts_per_tok": 99}, "'num_experts_per_tok' is 99, more experts per token than 'num_local_experts' (4); "
+                                  "set it to at most 4"),
+    ({"num_local_experts": 0}, "'num_local_experts' must be an integer >= 1 (or a list of them), got 0"),
+    ({"num_experts_per_tok": 0}, "'num_experts_per_tok' must be an integer >= 1 (or a list of them), got 0"),
+    ({"num_local_experts": 4.0}, "'num_local_experts' must be an integer >= 1 (or a list of them), got 4.0"),
+])
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_moe_config_expert_fields_checked(tmp_path, llama, small_moe, fields, line_end, command):
+    """inspect printed 'top-99' with more active than total parameters, or 'experts: None x 96'; verify was a
+    'selected index k out of range' traceback."""
+    folder = copy(small_moe, tmp_path / "moe")
+    (folder / "config.json").write_text(json.dumps({**read_json(folder / "config.json"), **fields}))
+    args = ("inspect", folder) if command == "inspect" else ("verify", llama, folder, "-q")
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {folder / 'config.json'}: {line_end}"], result.output
+    if command == "inspect":
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_dense_config_with_a_generation_top_k_is_not_an_moe_config(tmp_path, llama):
+    from upcycle.io.config_check import check_config_dict
+
+    check_config_dict({"model_type": "llama", "top_k": 50}, "config.json")  # no expert count: not checked
+    with pytest.raises(Exception, match="'top_k' is 50"):
+        check_config_dict({"model_type": "llama", "num_experts": 8, "top_k": 50}, "config.json")
+    check_config_dict({"model_type": "upcycle_moe", "text_config": {"num_local_experts": 4, "num_experts_per_tok": [2, 2]}},
+                      "config.json")
+    with pytest.raises(Exception, match="'text_config.num_experts_per_tok' is \\[2, 5\\]"):
+        check_config_dict({"model_type": "upcycle_moe", "text_config": {"num_local_experts": 4,
+                                                                         "num_experts_per_tok": [2, 5]}}, "config.json")
+
+
+def test_huge_expert_count_dry_run_is_estimated_without_planning_every_expert(tmp_path, llama, monkeypatch):
+    """convert --dry-run -e 100000 planned every expert (77 s, 1.5 GB; a recipe with 10000000 experts would
+    exhaust memory). Now it reports the sizes from two small plans, in bounded time and memory."""
+    import upcycle.plan as plan_module
+
+    planned = []
+    real = plan_module.make_plan
+
+    def counting(config, infos, recipe, *args, **kwargs):
+        planned.append(recipe.num_experts)
+        return real(config, infos, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "make_plan", counting)
+    out = tmp_path / "moe"
+    result = run_cli("convert", llama, out, "-q", "--dry-run", "--json", "-e", "100000", "-k", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert max(planned) <= 3 and not out.exists(), planned
+    assert summary["estimated"] and summary["num_experts"] == 100000 and summary["dry_run"]
+    small = json.loads(run_cli("convert", llama, out, "-q", "--dry-run", "--json", "-e", "300", "-k", "2").stdout)
+    per_expert = (summary["output_bytes"] - small["output_bytes"]) / (100000 - 300)
+    assert per_expert > 0 and summary["output_bytes"] > 10**9
+    assert summary["shards"] >= summary["output_bytes"] // (5 * 10**9)
+
+
+def test_dry_run_refuses_what_the_real_run_would_refuse_for_space(tmp_path, llama, monkeypatch):
+    import upcycle.io.atomic as atomic
+
+    monkeypatch.setattr(atomic, "free_bytes", lambda folder: 10_000_000)
+    for experts in ("64", "10000000"):
+        start = time.monotonic()
+        refused(llama, tmp_path / "moe", "not enough free space", "(10000000 bytes) free",
+                args=["-e", experts, "-k", "2", "--dry-run"])
+        assert time.monotonic() - start < 30
+
+
+def test_estimated_summary_matches_the_plan(llama):
+    from upcycle.convert import build_recipe, estimate_summary
+    from upcycle.io import open_source
+    from upcycle.plan import make_plan
+
+    src = open_source(str(llama))
+    config, recipe = src.load_config(), build_recipe(None, num_experts=301, top_k=2, max_shard_size="200KB")
+    actual, estimate = make_plan(config, src.infos, recipe).summary(), estimate_summary(config, src.infos, recipe)
+    assert estimate.pop("estimated") is True
+    assert {k: v for k, v in estimate.items() if k not in ("output_bytes", "shards")} == \
+        {k: v for k, v in actual.items() if k not in ("output_bytes", "shards")}
+    assert abs(estimate["output_bytes"] - actual["output_bytes"]) / actual["output_bytes"] < 0.001
+    assert actual["shards"] * 0.9 <= estimate["shards"] <= actual["shards"]
+
+
+def test_absolute_index_path_inside_the_folder_is_worded_right(tmp_path, llama):
+    """An absolute weight_map path that lies inside the folder was refused as 'points outside the model folder'."""
+    folder = copy(llama, tmp_path / "src")
+    header, _ = header_of(folder / "model.safetensors")
+    weight_map = {k: str(folder / "model.safetensors") for k in header if k != "__metadata__"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    line = refused(folder, tmp_path / "moe", "is an absolute path", "'model.safetensors'")
+    assert "outside" not in line
+
+
+def test_config_that_is_null_says_null(tmp_path, llama):
+    folder = copy(llama, tmp_path / "src")
+    (folder / "config.json").write_text("null")
+    line = refused(folder, tmp_path / "moe", "must be a JSON object, not null")
+    assert "NoneType" not in line
+    (folder / "config.json").write_text("[1]")
+    refused(folder, tmp_path / "moe", "must be a JSON object, not an array")
+
+
+def test_one_foreign_method_option_needs_its_method(tmp_path, llama):
+    refused(llama, tmp_path / "moe", "--drop-ratio needs --method drop (got --method replicate)",
+            args=["--drop-ratio", "0.3"])

@@ -218,7 +218,7 @@ BAD = [
     (["--method", "split", "-g", 4, "-e", 8, "-k", 4, "--split-strategy", "activation"], "--calibration PATH"),
     (["--router-init", "kmeans"], "--calibration PATH"),
     (["--method", "split", "-g", 2, "-e", 2, "-k", 2, "--shared-experts", 2], "smaller than --granularity"),
-    (["--granularity", 2], "need --method split"),
+    (["--granularity", 2], "needs --method split"),
     (["--method", "split", "-g", 2, "-e", 2, "-k", 2, "--split-strategy", "spectral"], "unknown --split-strategy"),
     (["--layers", "5-9"], "no layer 5"),
     (["--layers", "every:x"], "cannot read"),

@@ -56,14 +56,14 @@ def test_new_method_with_one_option_is_one_module(tmp_path, scaled_method):
     bad = run_cli("convert", str(dense), str(tmp_path / "bad"), "--method", "scaled", "-o", "scale=3")
     assert bad.exit_code == 2 and "--scale must be in (0, 2]" in bad.output
     other = run_cli("convert", str(dense), str(tmp_path / "other"), "-o", "scale=0.5")
-    assert other.exit_code == 2 and "--scale need --method scaled" in other.output
+    assert other.exit_code == 2 and "--scale needs --method scaled" in other.output
     assert "scaled (copies with a scaled down projection)" in " ".join(run_cli("convert", "--help").output.split())
 
 
 def test_method_options_are_typed_and_owned():
     split = Recipe.from_dict({"method": "split", "granularity": 2, "num_experts": 4, "top_k": 2})
     assert type(split.method_options).__name__ == "SplitOptions" and split.option("drop_ratio") == 0.5
-    with pytest.raises(RecipeError, match="need --method drop"):
+    with pytest.raises(RecipeError, match="needs --method drop"):
         Recipe.from_dict({"drop_ratio": 0.1})
     with pytest.raises(RecipeError, match="does not belong|do not belong"):
         Recipe(method="split", method_options=Recipe(method="drop").method_options)

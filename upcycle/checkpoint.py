@@ -110,9 +110,14 @@ def inside_folder(folder: Path, name: str, what: str, error: type[UpcycleError] 
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         raise error(f"{what}: {name!r} is not a file name")
     relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise error(f"{what}: {name!r} points outside the model folder; "
-                    "only files inside it are read")
+    if relative.is_absolute():
+        if folder.resolve() not in Path(name).resolve().parents:
+            raise error(f"{what}: {name!r} points outside the model folder; only files inside it are read")
+        raise error(f"{what}: {name!r} is an absolute path; only paths relative to the model folder are read "
+                    f"(write {Path(name).resolve().relative_to(folder.resolve()).as_posix()!r})")
+    if ".." in relative.parts:
+        raise error(f"{what}: {name!r} goes up with '..' and may point outside the model folder; "
+                    "only plain paths inside it are read")
     path = folder / relative
     real, roots = path.resolve(), [folder.resolve()]
     if folder.resolve().parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>

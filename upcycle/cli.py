@@ -99,6 +99,8 @@ def convert(source: str, output: str, recipe_file: str | None, force: bool, dry_
                                "pushed": result.pushed.url if result.pushed else None}, indent=2))
         return
     head = "plan (dry run, nothing written)" if dry_run else f"wrote {output}"
+    if s.get("estimated"):
+        head = "plan (dry run, nothing written; sizes estimated from two small plans)"
     click.echo(f"{head}: {s['family']} -> {s['architecture']} ({s['target']}), method {s['method']}, "
                f"{'exact' if s['exact'] else 'not exact'}")
     click.echo(f"  layers: {len(s['moe_layers'])}/{s['num_layers']} MoE; experts: {s['num_experts']} x "

@@ -20,7 +20,7 @@ from .io.config_check import check_required_tensors
 from .io.public_names import public_name, public_recipe
 from .layer_data import LayerData
 from .plan import make_plan
-from .recipe import Recipe
+from .recipe import Recipe, parse_size
 from .runner import resolve_device, resolve_dtype
 from .tensors import SourceCache
 from .verify import verify as run_verify
@@ -94,13 +94,19 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
     if not dry_run:
         check_output(output, force, getattr(src, "file", src.folder))
     config = src.load_config()
-    if not dry_run and recipe.num_experts > MANY_EXPERTS:  # refused for lack of space before the big plan is made
-        check_free_space(output, estimate_output_bytes(config, src.infos, recipe))
+    if recipe.num_experts > MANY_EXPERTS:  # refused for lack of space before the big plan is made
+        estimate = estimate_summary(config, src.infos, recipe)
+        check_free_space(output, estimate["output_bytes"])
+        if dry_run:  # planning every expert takes memory and time linear in their count: report the estimate
+            check_required_tensors(config, src.infos, src.spec)
+            _calibration_ids(src, recipe)
+            return ConversionResult(None, estimate, recipe, [], dry_run=True)
     plan = make_plan(config, src.infos, recipe)
     check_required_tensors(config, src.infos, src.spec)  # after make_plan: an unknown family is reported first
     calibration_ids = _calibration_ids(src, recipe)
     summary = plan.summary()
     if dry_run:
+        check_free_space(output, summary["output_bytes"])  # what the real run would refuse on this disk
         return ConversionResult(None, summary, recipe, [], dry_run=True)
     if recipe.needs_layer_data:
         plan = make_plan(config, src.infos, recipe, data=_layer_data(src, plan, calibration_ids, quiet, device,
@@ -123,18 +129,34 @@ MANY_EXPERTS = 256
 
 
 def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
-    """About the bytes ``recipe`` writes, without planning all its experts: every expert (one virtual group
-    of them for ``split``) adds the same router rows and expert tensors, so the size is affine in the expert
-    count and two plans with the fewest experts the recipe allows give it (to within the few header bytes
-    that longer expert numbers take). Planning memory and time grow with the expert count; this lets a
-    huge ``--num-experts`` be refused for lack of space before that."""
+    """About the bytes ``recipe`` writes, without planning all its experts (see :func:`estimate_summary`)."""
+    return estimate_summary(config, infos, recipe)["output_bytes"]
+
+
+#: summary fields that grow by the same amount with each expert (or virtual group of experts)
+_PER_EXPERT_FIELDS = ("total_params", "active_params", "output_bytes")  # active: the router rows
+
+
+def estimate_summary(config: Any, infos: dict, recipe: Recipe) -> dict[str, Any]:
+    """``plan.summary()`` of ``recipe`` without planning all its experts: every expert (one virtual group
+    of them for ``split``) adds the same router rows and expert tensors, so the parameter counts (router
+    rows are active parameters too) and bytes are affine in the expert count, and two plans with the fewest experts the recipe allows give them (to
+    within the few header bytes that longer expert numbers take; the shard count as a lower bound).
+    Planning memory and time grow with the expert count; this lets a huge ``--num-experts`` be refused
+    for lack of space, or shown by ``--dry-run``, in bounded time and memory. ``estimated`` is set when
+    the figures were extrapolated."""
     group = getattr(recipe.method_options, "routed_group_size", 1)
     first = max(group, -(-recipe.top_k // group) * group)
     if recipe.num_experts <= first + group:
-        return make_plan(config, infos, recipe).summary()["output_bytes"]
-    small, larger = (make_plan(config, infos, recipe.replace(num_experts=n)).summary()["output_bytes"]
-                     for n in (first, first + group))
-    return small + (larger - small) * ((recipe.num_experts - first) // group)
+        return make_plan(config, infos, recipe).summary()
+    small, larger = (make_plan(config, infos, recipe.replace(num_experts=n)).summary() for n in (first, first + group))
+    steps = (recipe.num_experts - first) // group
+    summary = {**small, "num_experts": recipe.num_experts, "estimated": True}
+    for key in _PER_EXPERT_FIELDS:
+        summary[key] = small[key] + (larger[key] - small[key]) * steps
+    limit = parse_size(recipe.max_shard_size)
+    summary["shards"] = max(small["shards"], -(-summary["output_bytes"] // limit))  # at least this many
+    return summary
 
 
 def _calibration_ids(src, recipe: Recipe):

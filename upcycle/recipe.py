@@ -221,7 +221,8 @@ class Recipe:
         if foreign:
             flags = " and ".join(f"--{k.replace('_', '-')}" for k in foreign)
             owner = " / ".join(sorted({owners[k].name for k in foreign}))
-            raise RecipeError(f"{flags} need --method {owner} (got --method {method.name})")
+            verb = "needs" if len(foreign) == 1 else "need"
+            raise RecipeError(f"{flags} {verb} --method {owner} (got --method {method.name})")
         own = {k: v for k, v in options.items() if owners[k].name == method.name}
         return cls(**data, method_options=method.options(**own))
 

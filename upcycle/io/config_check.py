@@ -48,7 +48,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
 def check_config_dict(config: Any, where: str) -> None:
     """The checks of :func:`read_config_json` on an already parsed config."""
     if not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{where}: a config must be a JSON object, not a {type(config).__name__}")
+        raise CorruptCheckpointError(f"{where}: a config must be a JSON object, not {_json_kind(config)}")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise CorruptCheckpointError(f"{where}: 'model_type' is missing or not a string "
@@ -57,6 +57,45 @@ def check_config_dict(config: Any, where: str) -> None:
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise CorruptCheckpointError(f"{where}: '{key}' must be an integer >= 1, got {value!r}")
+    for level, part in ((config, ""), (config.get("text_config"), "text_config.")):
+        if isinstance(level, dict):
+            check_moe_fields(level, where, part)
+
+
+def check_moe_fields(config: dict[str, Any], where: str, prefix: str = "") -> None:
+    """An MoE config's expert count and top-k: integers >= 1 (or lists of them), top-k <= the expert count.
+
+    Only checked when an expert-count key is set: dense configs often carry a generation ``top_k: 50``.
+    """
+    from ..checkpoint import EXPERT_COUNT_KEYS, TOP_K_KEYS
+
+    count_key = next((k for k in EXPERT_COUNT_KEYS if config.get(k) is not None), None)
+    if count_key is None:
+        return
+    count = _positive_ints(config[count_key], f"{where}: '{prefix}{count_key}'")
+    top_key = next((k for k in TOP_K_KEYS if config.get(k) is not None), None)
+    if top_key is None:
+        return
+    top_k = _positive_ints(config[top_key], f"{where}: '{prefix}{top_key}'")
+    if max(top_k) > min(count):
+        raise CorruptCheckpointError(f"{where}: '{prefix}{top_key}' is {config[top_key]!r}, more experts per token "
+                                     f"than '{prefix}{count_key}' ({config[count_key]!r}); set it to at most "
+                                     f"{min(count)}")
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON calls ``value``'s type: ``null``, ``an array``, ``a string``, ..."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = ((list, "an array"), (str, "a string"), ((int, float), "a number"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+
+
+def _positive_ints(value: Any, what: str) -> list[int]:
+    values = value if isinstance(value, list) and value else [value]
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise CorruptCheckpointError(f"{what} must be an integer >= 1 (or a list of them), got {value!r}")
+    return values
 
 
 def check_layer_count(config: dict[str, Any], tensor_names: Iterable[str], where: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,11 @@ class TrainOptions:
     extra_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
 
     def validate(self) -> "TrainOptions":
+        for name in ("epochs", "learning_rate", "aux_loss_coef", "z_loss_coef", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise RecipeError(f"{_flag(name)} must be a finite number, got {value!r}")
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -63,7 +69,7 @@ class TrainOptions:
             raise RecipeError("give --max-steps > 0 or --epochs > 0")
         if self.learning_rate <= 0 or self.warmup < 0:
             raise RecipeError("--learning-rate must be > 0 and --warmup >= 0")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "weight_decay"):
             if (getattr(self, name) or 0) < 0:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 0")
         owned = sorted(k for k in self.extra_args if k in OPTION_OWNED_ARGS)
@@ -71,6 +77,10 @@ class TrainOptions:
             raise RecipeError(f"extra_args sets {', '.join(owned)}, which TrainOptions sets already; use "
                               + ", ".join(f"TrainOptions.{OPTION_OWNED_ARGS[k]}" for k in owned) + " instead")
         return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
