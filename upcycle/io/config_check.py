@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, inside_folder
+from ..checkpoint import CONFIG_FILE, EXPERT_COUNT_KEYS, TOP_K_KEYS, inside_folder
 from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
 
 #: integer sizes a dense config may hold; when present (and not null) each must be an integer >= 1
@@ -67,8 +67,6 @@ def check_moe_fields(config: dict[str, Any], where: str, prefix: str = "") -> No
 
     Only checked when an expert-count key is set: dense configs often carry a generation ``top_k: 50``.
     """
-    from ..checkpoint import EXPERT_COUNT_KEYS, TOP_K_KEYS
-
     count_key = next((k for k in EXPERT_COUNT_KEYS if config.get(k) is not None), None)
     if count_key is None:
         return
