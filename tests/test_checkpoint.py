@@ -89,3 +89,22 @@ def test_hub_error_reason_and_hint():
     assert str(plain) == "no token" and plain.reason == "no token" and plain.hint is None
     assert str(hinted) == "push to a/b did not complete: HTTP 503; run it again"
     assert hinted.reason == "push to a/b did not complete: HTTP 503"
+
+
+def test_file_names_are_spelled_in_checkpoint_only():
+    """The checkpoint folder's file names are constants of upcycle.checkpoint; code elsewhere uses them (error
+    messages may name a file inside longer text). modeling/ is exempt: it ships alone as remote code."""
+    import ast
+
+    import upcycle.checkpoint as checkpoint
+
+    names = {getattr(checkpoint, n): n for n in dir(checkpoint) if n.endswith("_FILE")}
+    found = []
+    for path in sorted((ROOT / "upcycle").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "upcycle/checkpoint.py" or rel.startswith("upcycle/modeling/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{rel}:{node.lineno} {node.value!r} (checkpoint.{names[node.value]})")
+    assert found == []

@@ -70,11 +70,23 @@ def _recipe(**kw):
     (SplitOptions(granularity=4, shared_experts=1), _recipe(num_experts=4), r"; e\.g\. 3$"),
     (SplitOptions(granularity=2), _recipe(router_init="centroid"),
      r"^--router-init centroid gives each expert its own router row, which breaks the exact virtual-group split "
-     r"\(experts of a group must share a row\); use virtual-group, normal, zeros or kmeans, or pass --allow-inexact$"),
+     r"\(experts of a group must share a row\); use kmeans, normal, virtual-group or zeros, or pass --allow-inexact$"),
 ])
 def test_split_options_refuse_with_one_clear_message(options, recipe, message):
     with pytest.raises(RecipeError, match=message):
         options.check(recipe)
+
+
+def test_split_refusal_names_the_registered_shared_row_routers(monkeypatch):
+    """The routers suggested instead of a per-expert one come from the registry, so a new plug-in shows up."""
+    import upcycle.experts.split as split
+    from upcycle.routers import RouterInit, all_router_inits
+
+    found = {**all_router_inits(), "zz-shared": RouterInit(name="zz-shared", build=None),
+             "aa-own": RouterInit(name="aa-own", build=None, per_expert=True)}  # per-expert: not suggested
+    monkeypatch.setattr(split, "all_router_inits", lambda: found)
+    with pytest.raises(RecipeError, match=r"; use kmeans, normal, virtual-group, zeros or zz-shared, or pass"):
+        SplitOptions(granularity=2).check(_recipe(router_init="centroid"))
 
 
 @pytest.mark.parametrize("options,recipe", [

@@ -655,3 +655,55 @@ def test_hostname_in_temp_names_is_safe():
     tag = _run_tag()
     assert _LEFTOVER.search(f".moe.upcycle-tmp-{tag}-0123abcd")["pid"] == str(os.getpid())
     assert socket.gethostname()  # the tag names this host
+
+
+# --- found by the audit of 2026-12-02 --------------------------------------------------------------
+
+def test_merge_config_alias_bomb_refused(tmp_path, llama):
+    """A merge config is read like a recipe: a YAML alias bomb under a known key is refused at once (it was a
+    MemoryError traceback after 85 s and 2.1 GB under a 3 GB cap)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    config = tmp_path / "merge.yaml"
+    config.write_text("base_model: &x\n" + "\n".join("  " + line for line in lines)
+                      + f"\ntop_k: *x\nexperts: [{{source: {llama}}}]\n")
+    out = tmp_path / "moe"
+    result = run_cli("merge", config, out)
+    assert result.exit_code == 2, result.output
+    assert "aliases (*name) are not allowed" in assert_clean_error(result, out, "merge config")
+
+
+def test_config_field_transformers_refuses_is_one_line(tmp_path, llama):
+    """A config field of a type transformers' strict dataclasses refuse (rope_parameters: "x") was a
+    StrictDataclassFieldValidationError traceback."""
+    source = copy(llama, tmp_path / "dense")
+    config = read_json(source / "config.json")
+    config["rope_parameters"] = "x"
+    (source / "config.json").write_text(json.dumps(config))
+    refused(source, tmp_path / "moe", "rope_parameters", "transformers cannot read this config")
+
+
+@pytest.mark.parametrize("args", [["--atol", "nan"], ["--atol", "inf"], ["--atol", "-1"], ["--memory-budget", "nan"],
+                                  ["--memory-budget", "inf"]])
+def test_verify_non_finite_option_refused(llama, args):
+    """verify --memory-budget nan/inf was a ValueError/OverflowError traceback; --atol inf passed anything."""
+    result = run_cli("verify", llama, llama, "-q", *args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {args[0]} must be a finite number >= 0, got {float(args[1])}"], result.output
+
+
+def test_option_value_alias_bomb_refused(tmp_path, llama):
+    """-o values are read without YAML aliases (a short alias bomb was a MemoryError traceback after 85 s)."""
+    names = "abcdefgh"
+    parts = ["&a [1,1,1,1,1,1,1,1,1]"] + [f"&{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip(names, names[1:])]
+    bomb = "[" + ", ".join(parts) + ", [" + ",".join(["*h"] * 9) + "]]"
+    line = refused(llama, tmp_path / "moe", "--option layers", "aliases (*name) are not allowed", args=("-o", f"layers={bomb}"))
+    assert line.startswith("error: --option layers:")
+
+
+def test_option_value_that_is_not_yaml_is_kept_as_text():
+    from upcycle.cli_common import parse_options
+
+    assert parse_options(("a=4", "b=0.5", "c=true", "d=[1, 2]", "e=x: y: z", "f=")) == {
+        "a": 4, "b": 0.5, "c": True, "d": [1, 2], "e": "x: y: z", "f": None}

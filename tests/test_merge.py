@@ -157,6 +157,9 @@ def test_hidden_router_reads_the_ffn_inputs(llama):
     ("granite", "granitemoe", None),
     ("phi3", "mixtral", "model.layers.0.block_sparse_moe.experts.1.w3.weight"),
     ("gpt2", "upcycle", "transformer.h.0.mlp.experts.1.up_proj.weight"),
+    ("cohere2", "cohere2_moe", None),
+    ("ernie4_5", "ernie4_5_moe", None),
+    ("olmo2", "flex_olmo", None),
 ])
 def test_targets_hold_the_merge(tmp_path, family, target, expert_key):
     """Each target that can hold a merge (the auto choice, or the bundled model) reproduces each source
@@ -169,6 +172,27 @@ def test_targets_hold_the_merge(tmp_path, family, target, expert_key):
     assert all(row["exact_expected"] and row["max_abs_logit_diff"] <= 1e-4 for row in forced.values()), forced
     if expert_key:
         assert expert_key in load_file(tmp_path / "moe" / "model.safetensors")
+
+
+@pytest.mark.parametrize("family,target,shared_down", [
+    ("qwen3", "dots1", "model.layers.{i}.mlp.shared_experts.down_proj.weight"),
+    ("granite", "granitemoeshared", "model.layers.{i}.shared_mlp.output_linear.weight"),
+    ("hunyuan_v1_dense", "hunyuan_v1_moe", "model.layers.{i}.mlp.shared_mlp.down_proj.weight"),
+])
+def test_shared_expert_targets(tmp_path, family, target, shared_down):
+    """Targets with an always-on shared MLP (skipped by auto without a shared_expert) are picked with one and
+    hold it as is, not half of the base's FFN; every token to expert e then adds the shared expert, so each
+    source is measured, not claimed exact."""
+    base = make_base(family, tmp_path / "base")
+    a, b, c = (fine_tune(base, tmp_path / n, i) for i, n in enumerate("abc", 1))
+    result = _merge(config(base, [a, b], top_k=1, shared_expert={"source": str(c)}), tmp_path / "moe")
+    assert (result.summary["target"], result.summary["shared_expert"]) == (target, str(c))
+    out, src = load_file(tmp_path / "moe" / "model.safetensors"), load_file(c / "model.safetensors")
+    for i in range(3):
+        assert torch.equal(out[shared_down.format(i=i)], src[f"model.layers.{i}.mlp.down_proj.weight"])
+    forced = _forced(result)
+    assert all(not row["exact_expected"] and row["max_abs_logit_diff"] > 1e-3 for row in forced.values()), forced
+    assert _merge(config(base, [a, b], top_k=1), tmp_path / "plain", dry_run=True).summary["target"] != target
 
 
 def _in_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
@@ -464,3 +488,96 @@ def test_streamed_specificity_equals_the_whole_model(llama, tmp_path, target):
     streamed = routing_specificity(tmp_path / "moe", prompts)
     assert streamed["top1"] == _whole_model_specificity(tmp_path / "moe", prompts)
     assert sum(streamed["tokens"]) > 0 and set(streamed["top1"]) == {"0", "1", "2"}
+
+
+@pytest.mark.parametrize("top,expert,fragment", [
+    ({"router_std": float("nan")}, {}, "router_std must be a finite number, got nan"),
+    ({"target": ["mixtral"]}, {}, "target must be a target name"),
+    ({"seed": "x"}, {}, "seed must be an integer"),
+    ({"calibration_tokens": True}, {}, "calibration_tokens must be an integer >= 1"),
+    ({"base_model": 5}, {}, "base_model must be a string"),
+    ({}, {"residual_scale": float("nan")}, "experts[0].residual_scale must be a finite number"),
+    ({}, {"residual_scale": "big"}, "experts[0].residual_scale must be a finite number, got 'big'"),
+    ({}, {"residual_scale": 0}, "experts[0].residual_scale must be > 0"),
+    ({}, {"noise_std": float("inf")}, "experts[0].noise_std must be a finite number"),
+    ({}, {"revision": ["main"]}, "experts[0].revision must be a string"),
+    ({}, {"calibration": 3}, "experts[0].calibration must be a path"),
+])
+def test_config_values_of_the_wrong_kind_are_refused(top, expert, fragment):
+    """A value of the wrong type, or a NaN/infinite scale (a model of NaNs), is refused naming its key, not
+    left to fail deep inside the merge (a TypeError) or to be written."""
+    cfg = {"base_model": "org/base", "router_init": "zeros", "top_k": 1, "experts": [{"source": "org/a", **expert}]}
+    with pytest.raises(RecipeError) as caught:
+        load_config({**cfg, **top})
+    assert fragment in str(caught.value)
+
+
+def test_mergekit_scales_are_checked():
+    expert = {"source_model": "org/a", "positive_prompts": ["x"]}
+    for key, value in (("noise_scale", float("nan")), ("residual_scale", "big"), ("residual_scale", -1.0),
+                       ("residual_scale", 0)):  # a given 0 is not taken for "absent" (it used to become 1.0)
+        with pytest.raises(RecipeError, match=rf"experts\[0\]\.{key} must be"):
+            load_config({"base_model": "org/base", "experts_per_token": 1, "experts": [{**expert, key: value}]})
+    given = {"base_model": "org/base", "experts_per_token": 1,
+             "experts": [{**expert, "noise_scale": 0, "residual_scale": None}]}
+    assert (load_config(given).experts[0].noise_std, load_config(given).experts[0].residual_scale) == (0.0, 1.0)
+
+
+def test_config_files_are_read_like_recipe_files(tmp_path):
+    """YAML aliases (a few lines that expand into gigabytes when printed) and JSON NaN are refused, one line."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('experts: [{source: a}]\nrouter_init: zeros\ntop_k: 1\nx: &a ["x", "x"]\n'
+                    "dtype: [*a, *a]\n")
+    assert_clean_error(run_cli("merge", bomb, tmp_path / "out", "-q"), tmp_path / "out", "aliases", "bomb.yaml")
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"experts": [{"source": "a"}], "router_init": "zeros", "top_k": 1, "router_std": NaN}')
+    assert_clean_error(run_cli("merge", nan, tmp_path / "out", "-q"), tmp_path / "out", "NaN", "nan.json")
+    assert_clean_error(run_cli("merge", tmp_path / "none.yaml", tmp_path / "out", "-q"), tmp_path / "out",
+                       "merge config file not found")
+
+
+def test_first_differing_tensor_is_named(llama, tmp_path):
+    """Same config, different tensors: a missing tensor, an extra one, one of another shape; the error names
+    the config entry and the first tensor that differs, before any tensor is read (dry run too)."""
+    from safetensors.torch import save_file
+
+    def variant(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(llama["a"], folder)
+        state = load_file(folder / "model.safetensors")
+        change(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    key = "model.layers.1.post_attention_layernorm.weight"
+    cases = [(variant("missing", lambda s: s.pop(key)), f"it has no tensor {key}"),
+             (variant("extra", lambda s: s.update({"model.extra.weight": torch.zeros(2)})),
+              "it has a tensor the base lacks: model.extra.weight"),
+             (variant("shape", lambda s: s.update({key: torch.ones(65)})),
+              f"tensor {key} has shape [65], the base's is [64]")]
+    for source, fragment in cases:
+        for dry_run in ([], ["--dry-run"]):
+            result = run_cli("merge", _write(tmp_path, config(llama["base"], [llama["b"], source])), tmp_path / "out",
+                             "-q", *dry_run)
+            assert_clean_error(result, tmp_path / "out", f"experts[1].source ({source}) does not match the base", fragment)
+
+
+def test_negative_prompts_keep_every_expert_reachable():
+    """Hidden states share a large component (a few channels of large activations). An expert whose negative
+    prompts cancel it must not lose all tokens to the experts that keep it: each expert's own prompts still
+    route to it, and its negative prompts (here another expert's topic) route away from it."""
+    from upcycle.merge.routers import contrast, finish_rows
+
+    gen = torch.Generator().manual_seed(0)
+    common = torch.zeros(64)
+    common[:4] = 50.0
+    topics = [common + torch.cat([torch.zeros(4), torch.randn(60, generator=gen)]) for _ in range(3)]
+    positive = torch.stack(topics)
+    for negative in ([None, None, None], [topics[1], None, None], [None, None, topics[0]],
+                     [topics[2], topics[0], None]):
+        rows = finish_rows(contrast(positive, negative), 0.02)
+        assert (positive @ rows.t()).argmax(-1).tolist() == [0, 1, 2], negative
+        for expert, neg in enumerate(negative):
+            if neg is not None:
+                assert int((neg @ rows.t()).argmax()) != expert
+    assert torch.equal(contrast(positive, [None] * 3), positive)  # without negatives: the positive means

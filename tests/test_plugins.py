@@ -1,8 +1,9 @@
-"""The plug-in shape the restructure promises: a new expert method with one option is one module, found by
-name, reachable from the CLI (``--method``, ``-o``) and recipe files; duplicate names fail at import."""
+"""The plug-in shape the restructure promises: a new expert method with one option (the one
+docs/adding-architectures.md prints) is one module, found by name, reachable from the CLI (``--method``,
+``-o``) and recipe files; duplicate names fail at import."""
 
 import json
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -13,32 +14,15 @@ from upcycle.errors import RecipeError
 from upcycle.recipe import Recipe
 from upcycle.registry import collect
 
-HALVES = textwrap.dedent('''
-    """Example method: every expert keeps the dense FFN with its down projection scaled by ``scale``."""
-    from dataclasses import dataclass
-
-    from upcycle.errors import RecipeError
-    from upcycle.experts.base import ExpertMethod, ExpertSlice, LayerExperts, MethodContext, MethodOptions
+ROOT = Path(__file__).resolve().parents[1]
 
 
-    @dataclass(frozen=True)
-    class ScaledOptions(MethodOptions):
-        scale: float = 1.0
-
-        def check(self, recipe):
-            if not 0 < float(self.scale) <= 2:
-                raise RecipeError(f"--scale must be in (0, 2], got {self.scale}")
-
-
-    def build(ctx: MethodContext) -> LayerExperts:
-        sl = ExpertSlice(down_scale=float(ctx.options.scale))
-        return LayerExperts(experts=[sl] * ctx.num_experts, groups=list(range(ctx.num_experts)),
-                            exact=ctx.options.scale == 1.0)
-
-
-    METHOD = ExpertMethod(name="scaled", exact=True, build=build, options=ScaledOptions,
-                          description="copies with a scaled down projection")
-''')
+def walkthrough_module() -> str:
+    """The expert method that docs/adding-architectures.md walks through, exactly as printed there: the test
+    runs the documented module, so the walk-through cannot drift from what works."""
+    text = (ROOT / "docs" / "adding-architectures.md").read_text()
+    section = text.split("\n## An expert method", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.fixture
@@ -46,7 +30,7 @@ def scaled_method(tmp_path, monkeypatch):
     """Drop the module into the experts package (as a new file in upcycle/experts/ would be) and rescan."""
     folder = tmp_path / "plugins"
     folder.mkdir()
-    (folder / "scaled.py").write_text(HALVES)
+    (folder / "scaled.py").write_text(walkthrough_module())
     monkeypatch.setattr(upcycle.experts, "__path__", [*upcycle.experts.__path__, str(folder)])
     upcycle.experts.all_methods.cache_clear()
     yield

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from upcycle.checkpoint import EXPERT_COUNT_KEYS
 from upcycle.errors import DataError, RecipeError
 
 v = importlib.import_module("upcycle.verify")  # the module (``upcycle.verify`` is also the function)
@@ -133,7 +134,7 @@ class _Config:
         self.__dict__.update(kw)
 
 
-@pytest.mark.parametrize("key", ["num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"])
+@pytest.mark.parametrize("key", EXPERT_COUNT_KEYS)  # the checkpoint format's one list, every key of it
 def test_forced_expert_count(key):
     assert v.forced_expert_count(_Config(**{key: 4}), 3) == 4
     assert v.forced_expert_count(_Config(**{key: 4}), 0) == 4

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from .checkpoint import CARD_FILE, RECIPE_FILE
+from .checkpoint import CARD_FILE, CONFIG_FILE, RECIPE_FILE
 
 REPO_PLACEHOLDER = "THIS_REPO"
 #: the card's default "how to reproduce" paragraph (a merge passes its own)
@@ -76,7 +76,7 @@ def repo_id_from_config(folder: Path) -> Optional[str]:
     from huggingface_hub.utils import validate_repo_id
 
     try:
-        name = json.loads((Path(folder) / "config.json").read_text()).get("_name_or_path")
+        name = json.loads((Path(folder) / CONFIG_FILE).read_text()).get("_name_or_path")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "~")) or Path(name).exists():

@@ -141,6 +141,13 @@ def verify(dense: str, moe: str, prompts: str | None, max_new_tokens: int, dtype
     from .verify import read_prompts, report_text
     from .verify import verify as run_verify
 
+    import math
+
+    from .errors import RecipeError
+
+    for flag, value in (("--atol", atol), ("--memory-budget", memory_budget)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise RecipeError(f"{flag} must be a finite number >= 0, got {value}")  # nan/inf were a traceback
     quiet_libraries(progress=not quiet)
     budget = int(memory_budget * 1e9) if memory_budget is not None else None
     report = run_verify(dense, moe, read_prompts(prompts) if prompts else None, max_new_tokens=max_new_tokens,

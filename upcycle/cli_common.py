@@ -70,17 +70,15 @@ TARGET_CHOICES = _names("upcycle.targets", "TARGET", describe=False)
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``--option KEY=VALUE`` pairs as recipe keys; values read as YAML scalars (``4``, ``0.5``, ``true``)."""
-    import yaml
-
     from .errors import RecipeError
+    from .io.yaml_load import load_option_value
 
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--option {pair!r}: write KEY=VALUE, e.g. --option drop_ratio=0.3")
-        try:
-            options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            options[key.strip().replace("-", "_")] = value
+        # read without YAML aliases: a short alias bomb here was a MemoryError traceback after 85 s and 1.8 GB
+        options[key.strip().replace("-", "_")] = load_option_value(value, f"--option {key.strip()}") \
+            if value.strip() else None
     return options

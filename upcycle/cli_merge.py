@@ -8,13 +8,14 @@ from typing import Any, Optional
 
 import click
 
-from .cli_common import _human, _terminate_as_interrupt, _user_errors
+from .cli_common import TARGET_CHOICES, RegistryOption, _human, _terminate_as_interrupt, _user_errors
 
 
 @click.command(name="merge")
 @click.argument("config", type=click.Path())
 @click.argument("output", type=click.Path())
-@click.option("--target", help="Output architecture: auto picks as convert does.  [default: auto]")
+@click.option("--target", cls=RegistryOption, choices=TARGET_CHOICES,
+              help="Output architecture: auto (picks as convert does), {choices}.  [default: auto]")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               help="Output dtype.  [default: the config's, else auto]")
 @click.option("--seed", type=int, help="Seed of random router rows and expert noise.  [default: 0]")

@@ -74,9 +74,10 @@ def _say_default_seq_len(model: str) -> None:
 
     from transformers import AutoConfig
 
+    from .checkpoint import CONFIG_FILE
     from .train.moe_model import choose_seq_len
 
-    if (Path(model) / "config.json").is_file():
+    if (Path(model) / CONFIG_FILE).is_file():
         click.echo(choose_seq_len(AutoConfig.from_pretrained(model), None)[1], err=True)
 
 

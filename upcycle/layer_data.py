@@ -34,7 +34,7 @@ class LayerData:
 
     @classmethod
     def from_cache(cls, family: Any, layer: int, cache: Any, **statistics: Any) -> "LayerData":
-        """The layer's FFN read through a :class:`~upcycle.plan.SourceCache` with ``family.ffn_matrix``
+        """The layer's FFN read through a :class:`~upcycle.tensors.SourceCache` with ``family.ffn_matrix``
         (fused tensors split, Conv1D weights transposed), plus any calibration ``statistics``."""
         return cls(lambda proj: family.ffn_matrix(lambda key: cache.get(key, torch.float32), layer, proj),
                    projections=tuple(family.mlp), **statistics)

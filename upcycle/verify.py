@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import CONFIG_FILE, model_folder, provenance_of, read_recipe
+from .checkpoint import CONFIG_FILE, EXPERT_COUNT_KEYS, model_folder, provenance_of, read_recipe
 from .errors import DataError, RecipeError, SourceNotFoundError
 from .textdata import read_lines
 
@@ -116,8 +116,7 @@ def _claims_forced_exact(moe_path: Path, expert: int) -> bool:
 def forced_expert_count(config: Any, expert: int) -> int:
     """The MoE's expert count, after checking that every token may be sent to ``expert`` (renormalised top-k)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    count = next((getattr(text, k, None) or getattr(config, k, None) for k in
-                  ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    count = next((getattr(text, k, None) or getattr(config, k, None) for k in EXPERT_COUNT_KEYS
                   if getattr(text, k, None) or getattr(config, k, None)), None)
     if count is None or not 0 <= expert < count:
         raise RecipeError(f"--force-expert {expert}: the MoE has {count or 'no'} experts")

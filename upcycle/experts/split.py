@@ -13,7 +13,7 @@ import torch
 
 from ..errors import RecipeError
 from ..partitions import PartitionContext, get_partition, partition
-from ..routers import get_router_init
+from ..routers import all_router_inits, get_router_init
 from .base import ExpertMethod, ExpertSlice, LayerExperts, MethodContext, MethodOptions, require_integer
 
 
@@ -51,9 +51,10 @@ class SplitOptions(MethodOptions):
                               f"{group * max(1, recipe.top_k // group)}, or pass --allow-inexact to accept a model "
                               "that deviates from the dense one")
         if get_router_init(recipe.router_init).per_expert and group > 1 and not recipe.allow_inexact:
+            shared = [name for name, init in sorted(all_router_inits().items()) if not init.per_expert]
             raise RecipeError(f"--router-init {recipe.router_init} gives each expert its own router row, which breaks "
                               "the exact virtual-group split (experts of a group must share a row); use "
-                              "virtual-group, normal, zeros or kmeans, or pass --allow-inexact")
+                              f"{', '.join(shared[:-1])} or {shared[-1]}, or pass --allow-inexact")
 
     def calibration_reasons(self) -> list[str]:
         strategy = get_partition(self.split_strategy)

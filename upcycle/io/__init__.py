@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import CONFIG_FILE
 from ..errors import SourceNotFoundError
 from .source import DenseSource
 
@@ -29,7 +30,7 @@ def open_source(spec: str, revision: Optional[str] = None, quiet: bool = False,
         raise SourceNotFoundError(f"{spec} is a file but not a .gguf model; pass the model's folder instead")
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").is_file() and len(ggufs) == 1:
+        if not (path / CONFIG_FILE).is_file() and len(ggufs) == 1:
             from .gguf import GGUFSource
 
             return GGUFSource(ggufs[0], spec)

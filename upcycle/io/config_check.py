@@ -80,14 +80,14 @@ def load_checked_config(folder: Path, tensor_names: Iterable[str]) -> Any:
     """The transformers config of a dense model folder, read only after the checks above pass."""
     from transformers import AutoConfig
 
-    from ..checkpoint import inside_folder
+    from ..checkpoint import CONFIG_FILE, inside_folder
 
-    path = inside_folder(Path(folder), "config.json", str(folder))  # not a link to another model's config
+    path = inside_folder(Path(folder), CONFIG_FILE, str(folder))  # not a link to another model's config
     config = read_config_json(path)
     check_layer_count(config, tensor_names, str(path))
     try:
         return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - e.g. huggingface_hub's StrictDataclassError for a field's type
         reason = _first_sentence(exc)
         raise UnsupportedArchitectureError(f"{path}: transformers cannot read this config "
                                            f"(model_type {config['model_type']!r}): {reason}") from None

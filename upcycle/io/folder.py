@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE, WeightFiles, weight_files
+from ..checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE, WeightFiles, weight_files
 from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .source import DenseSource
@@ -145,7 +145,7 @@ def _unpickling_reason(exc: Exception) -> str:
 def open_folder(folder: Path, spec: str | None = None) -> DenseSource:
     """Pick the reader for a local folder, preferring safetensors; a clear error when it holds no model."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise SourceNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file():
         return SafetensorsFolder(folder, spec)

@@ -13,15 +13,16 @@ from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE
 from ..errors import CorruptCheckpointError, SourceNotFoundError
 from .safetensors_format import STR_TO_DTYPE, TensorInfo
 from .source import TOKENIZER_FILES, DenseSource
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-META_FILES = ["config.json", "generation_config.json", "README.md", *TOKENIZER_FILES]
+META_FILES = [CONFIG_FILE, "generation_config.json", CARD_FILE, *TOKENIZER_FILES]
 WEIGHT_PATTERNS = (
-    ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"],
-    ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"],
+    [SINGLE_FILE, "model-*-of-*.safetensors", INDEX_FILE],
+    [TORCH_SINGLE_FILE, "pytorch_model-*-of-*.bin", TORCH_INDEX_FILE],
 )
 
 

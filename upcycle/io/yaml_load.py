@@ -14,13 +14,17 @@ from ..errors import RecipeError, UpcycleError
 MAX_BYTES = 1024 * 1024  # a recipe or merge config is a few hundred bytes
 
 
+class _AliasError(yaml.YAMLError):
+    """An alias (``*name``) in text read without aliases."""
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing every alias (``*name``): anchors alone are harmless."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise yaml.YAMLError(f"aliases (*name) are not allowed (line {mark.line + 1}); write the value out")
+            raise _AliasError(f"aliases (*name) are not allowed (line {mark.line + 1}); write the value out")
         return super().compose_node(parent, index)
 
 
@@ -37,6 +41,21 @@ def load_yaml_text(text: str, where: str, error: type[UpcycleError] = RecipeErro
         raise error(f"cannot parse {where}: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise error(f"cannot parse {where}: nested too deeply") from None
+
+
+def load_option_value(text: str, where: str) -> Any:
+    """A command-line value (``-o KEY=VALUE``) read as a YAML scalar or list: aliases and deep nesting are
+    refused like in files; text that is not YAML is kept as the string typed."""
+    if len(text) > MAX_BYTES:
+        raise RecipeError(f"{where}: {len(text)} characters is too large (at most {MAX_BYTES})")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except _AliasError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply") from None
+    except yaml.YAMLError:
+        return text
 
 
 def load_config_file(path: str | Path, what: str = "recipe", error: type[UpcycleError] = RecipeError) -> Any:

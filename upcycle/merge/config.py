@@ -7,6 +7,8 @@ A config is YAML or JSON; :func:`upcycle.merge.loading.load_config` also accepts
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -79,10 +81,18 @@ class MergeConfig:
 
     def validate(self) -> "MergeConfig":
         """Check what needs no model; raise :class:`RecipeError` naming the key and the fix."""
-        from ..recipe import DTYPES, parse_size
+        from ..recipe import DTYPES, MAX_SEED, parse_size
 
         if not self.experts:
             raise RecipeError("experts: list at least one expert (each with a 'source')")
+        for name in ("base_model", "base_revision"):
+            _optional_text(getattr(self, name), name)
+        if not isinstance(self.target, str) or not self.target:
+            raise RecipeError(f"target must be a target name (auto, mixtral, ...), got {self.target!r}")
+        if not _integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise RecipeError(f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed!r}")
+        if not isinstance(self.max_shard_size, str) and not _integer(self.max_shard_size):
+            raise RecipeError(f"max_shard_size must be a size such as 5GB, got {self.max_shard_size!r}")
         if self.shared_weights not in SHARED_WEIGHTS:
             raise RecipeError(f"shared_weights must be one of {', '.join(SHARED_WEIGHTS)}, got {self.shared_weights!r}")
         if self.router_init not in ROUTER_INITS:
@@ -92,9 +102,8 @@ class MergeConfig:
                               f"got {self.top_k!r}")
         if self.dtype not in DTYPES:
             raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.router_std, (int, float)) or self.router_std < 0:
-            raise RecipeError(f"router_std must be a number >= 0, got {self.router_std!r}")
-        if not isinstance(self.calibration_tokens, int) or self.calibration_tokens < 1:
+        check_number(self.router_std, "router_std", strict=False)
+        if not _integer(self.calibration_tokens) or self.calibration_tokens < 1:
             raise RecipeError(f"calibration_tokens must be an integer >= 1, got {self.calibration_tokens!r}")
         parse_size(self.max_shard_size)
         for index, expert in enumerate(self.experts):
@@ -128,9 +137,31 @@ def _check_card_base_model(ids: Any) -> None:
         check_base_model(repo_id, where)
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_text(value: Any, where: str) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise RecipeError(f"{where} must be a string (a path, Hub id or revision), got {value!r}")
+
+
+def check_number(value: Any, where: str, strict: bool) -> float:
+    """``value`` as a float: a finite number, > 0 when ``strict`` else >= 0 (a NaN or infinite scale would write
+    a model of NaNs, and a text would fail deep inside the merge)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"{where} must be a finite number, got {value!r}")
+    if value < 0 or (strict and value == 0):
+        raise RecipeError(f"{where} must be {'> 0' if strict else '>= 0'}, got {value!r}")
+    return float(value)
+
+
 def _check_expert(expert: ExpertSpec, where: str, router_init: str) -> None:
     if not isinstance(expert.source, str) or not expert.source:
         raise RecipeError(f"{where}.source: give the checkpoint (folder, .gguf file or Hub id) of this expert")
+    _optional_text(expert.revision, f"{where}.revision")
+    if expert.calibration is not None and not isinstance(expert.calibration, (str, os.PathLike)):
+        raise RecipeError(f"{where}.calibration must be a path (text, JSONL or a folder), got {expert.calibration!r}")
     for name in ("prompts", "negative_prompts"):
         values = getattr(expert, name)
         if not all(isinstance(p, str) and p.strip() for p in values):
@@ -142,8 +173,8 @@ def _check_expert(expert: ExpertSpec, where: str, router_init: str) -> None:
     if router_init in DATA_ROUTERS and not expert.calibration:
         raise RecipeError(f"{where} ({expert.source}) has no calibration text, and router_init domain routes by "
                           "each expert's domain data: add 'calibration: PATH' (text, JSONL or a folder)")
-    if expert.residual_scale <= 0 or expert.noise_std < 0:
-        raise RecipeError(f"{where}: residual_scale must be > 0 and noise_std >= 0")
+    check_number(expert.residual_scale, f"{where}.residual_scale", strict=True)
+    check_number(expert.noise_std, f"{where}.noise_std", strict=False)
 
 
 EXPERT_KEYS = {"source", "prompts", "negative_prompts", "calibration", "revision", "residual_scale", "noise_std"}
@@ -175,8 +206,8 @@ def parse_expert(data: Any, where: str) -> ExpertSpec:
     return ExpertSpec(source=str(data["source"]), prompts=_strings(data.get("prompts"), f"{where}.prompts"),
                       negative_prompts=_strings(data.get("negative_prompts"), f"{where}.negative_prompts"),
                       calibration=data.get("calibration"), revision=data.get("revision"),
-                      residual_scale=float(data.get("residual_scale", 1.0)),
-                      noise_std=float(data.get("noise_std", 0.0)))
+                      residual_scale=check_number(data.get("residual_scale", 1.0), f"{where}.residual_scale", True),
+                      noise_std=check_number(data.get("noise_std", 0.0), f"{where}.noise_std", False))
 
 
 def parse_config(data: dict[str, Any]) -> MergeConfig:

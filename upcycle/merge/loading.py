@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,11 @@ from .mergekit import from_mergekit, is_mergekit
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"merge config not found: {path}")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+    """The mapping in a YAML or JSON file, read as recipe files are (:mod:`upcycle.io.yaml_load`: no YAML
+    aliases, no NaN/Infinity in JSON, bounded size and depth)."""
+    from ..io.yaml_load import load_config_file
 
-            data = yaml.safe_load(path.read_text())
-        else:
-            data = json.loads(path.read_text())
-    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        raise RecipeError(f"cannot parse merge config {path}: {str(exc).splitlines()[0]}") from None
+    data = load_config_file(path, "merge config")
     if not isinstance(data, dict):
         raise RecipeError(f"merge config {path} must hold a mapping of keys to values")
     return data

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import RecipeError
-from .config import ExpertSpec, MergeConfig
+from .config import ExpertSpec, MergeConfig, check_number
 
 #: mergekit gate_mode -> (upcycle router_init, router_std or None for the default)
 GATE_MODES = {"hidden": ("hidden", None), "hidden_avg": ("hidden", None), "cheap_embed": ("embed", None),
@@ -70,8 +70,14 @@ def _expert(data: Any, where: str, gate_mode: str) -> ExpertSpec:
     return ExpertSpec(source=source, revision=revision,
                       prompts=_prompts(data.get("positive_prompts"), f"{where}.positive_prompts"),
                       negative_prompts=_prompts(data.get("negative_prompts"), f"{where}.negative_prompts"),
-                      residual_scale=float(data.get("residual_scale") or 1.0),
-                      noise_std=float(data.get("noise_scale") or 0.0))
+                      residual_scale=check_number(_given(data, "residual_scale", 1.0), f"{where}.residual_scale", True),
+                      noise_std=check_number(_given(data, "noise_scale", 0.0), f"{where}.noise_scale", False))
+
+
+def _given(data: dict[str, Any], key: str, default: float) -> Any:
+    """``data[key]``, or ``default`` when absent or null (as mergekit reads it); a given 0 stays 0."""
+    value = data.get(key)
+    return default if value is None else value
 
 
 def from_mergekit(data: dict[str, Any]) -> MergeConfig:

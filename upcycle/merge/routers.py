@@ -1,7 +1,7 @@
 """Router rows for a merge, built from each expert's prompts or domain text.
 
 * ``hidden``: per layer, the mean hidden state that the expert's prompts produce where they enter the FFN
-  (dense base model), minus the mean of its negative prompts;
+  (dense base model), minus the mean of its negative prompts (see :func:`contrast`);
 * ``embed``: the mean input embedding of the prompts' tokens (minus negatives), the same row in every layer;
 * ``domain``: per layer, the centroid of the FFN inputs over the expert's calibration text (BTX/FlexOlmo
   route by domain);
@@ -29,6 +29,21 @@ def finish_rows(rows: torch.Tensor, std: float) -> torch.Tensor:
     return scale_rows(rows, std)
 
 
+def contrast(positive: torch.Tensor, negative: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``[E, H]`` rows: each expert's positive-prompt mean minus its negative prompts' mean; an expert without
+    negative prompts is taken against the mean of every expert's positive mean instead.
+
+    Hidden states (and embeddings) share a large component. ``positive - negative`` cancels it, so a row that
+    kept it (an expert without negatives) would, after centring, leave minus that component on the rows with
+    negatives and route every token away from their experts; taking each row against a reference removes it
+    from all rows alike. Without any negative prompt the rows are the positive means (centred later).
+    """
+    if all(n is None for n in negative):
+        return positive
+    reference = positive.mean(0)
+    return torch.stack([p - (reference if n is None else n) for p, n in zip(positive, negative)])
+
+
 def _encoded(tokenizer: Any, prompts: tuple[str, ...], where: str) -> list:
     encoded = encode_prompts(tokenizer, prompts)
     if prompts and not encoded:
@@ -48,12 +63,12 @@ def hidden_rows(config: MergeConfig, src: Any, family: Any, layers: list[int], t
             return cache[prompts]
 
         for i, expert in enumerate(config.experts):
-            row = dict(mean(expert.prompts, f"experts[{i}].prompts"))
-            if expert.negative_prompts:
-                negative = mean(expert.negative_prompts, f"experts[{i}].negative_prompts")
-                row = {layer: row[layer] - negative[layer] for layer in layers}
-            per_expert.append(row)
-    return {layer: finish_rows(torch.stack([r[layer] for r in per_expert]), config.router_std) for layer in layers}
+            negative = (mean(expert.negative_prompts, f"experts[{i}].negative_prompts")
+                        if expert.negative_prompts else None)
+            per_expert.append((mean(expert.prompts, f"experts[{i}].prompts"), negative))
+    return {layer: finish_rows(contrast(torch.stack([p[layer] for p, _ in per_expert]),
+                                        [None if n is None else n[layer] for _, n in per_expert]), config.router_std)
+            for layer in layers}
 
 
 def domain_rows(config: MergeConfig, src: Any, family: Any, layers: list[int], tokenizer: Any,
@@ -93,14 +108,11 @@ def embed_rows(config: MergeConfig, read: Callable[[str], torch.Tensor], key: st
         ids = torch.cat([ids[keep] for ids, keep in _encoded(tokenizer, prompts, where)])
         return table.index_select(0, ids).mean(0)
 
-    rows = []
-    for i, expert in enumerate(config.experts):
-        row = mean(expert.prompts, f"experts[{i}].prompts")
-        if expert.negative_prompts:
-            row = row - mean(expert.negative_prompts, f"experts[{i}].negative_prompts")
-        rows.append(row)
+    positive = torch.stack([mean(e.prompts, f"experts[{i}].prompts") for i, e in enumerate(config.experts)])
+    negative = [mean(e.negative_prompts, f"experts[{i}].negative_prompts") if e.negative_prompts else None
+                for i, e in enumerate(config.experts)]
     del table
-    finished = finish_rows(torch.stack(rows), config.router_std)
+    finished = finish_rows(contrast(positive, negative), config.router_std)
     return {layer: finished for layer in layers}
 
 
