@@ -9,6 +9,10 @@ bundled model's ``eager`` is its own grouped loop) and with the implementation `
 by default. ``batched_mm`` gathers one weight matrix per (token, expert) slot; where that would allocate
 more than ``--max-impl-gb`` it is skipped and the output says so.
 
+The ``floor top-k`` rows bound what any dispatch code can reach: the bundled model with each MoE block
+replaced by its expert matrix products alone (each expert runs once on a contiguous slice of as many
+tokens as the real routing sends it; no router, no sort, no gather, no weighting).
+
     python benchmarks/bench_bundled.py --json out.json
 """
 
@@ -71,6 +75,39 @@ def _implementations(args, top_k: int, skipped: dict) -> list[str]:
     return impls
 
 
+def _floor_model(model, ids: torch.Tensor):
+    """``model`` with every MoE block reduced to its experts' matrix products on the routing's token counts."""
+    from upcycle.modeling.modeling_upcycle_moe import UpcycleMoeBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, UpcycleMoeBlock)]
+    counts: dict[int, list[int]] = {}
+    for block in blocks:  # one real forward records how many slots each expert gets in each block
+        block.route = (lambda x, original=block.route, block=block: _record(original(x), counts, block))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for block in blocks:
+        del block.route
+        block.forward = (lambda hidden, block=block: _experts_only(block, hidden, counts[id(block)]))
+    return model
+
+
+def _record(routed, counts: dict, block):
+    counts[id(block)] = torch.bincount(routed[2].reshape(-1), minlength=block.num_experts).tolist()
+    return routed
+
+
+def _experts_only(block, hidden: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    x = hidden.reshape(-1, hidden.shape[-1])
+    rows = x.repeat(block.top_k, 1) if block.top_k > 1 else x
+    out = torch.empty_like(rows)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            out[start:start + count] = block.experts.expert_forward(expert, rows[start:start + count])
+            start += count
+    return (out[:x.shape[0]] if block.top_k > 1 else out).reshape(hidden.shape)
+
+
 def run(args) -> dict:
     from upcycle.convert import convert
 
@@ -89,10 +126,12 @@ def run(args) -> dict:
             for impl in _implementations(args, k, skipped):
                 models[f"{label}[{impl}] top-{k}"] = _load(out, experts_implementation=impl)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    for k in (2, 1):
+        models[f"floor top-{k}"] = _floor_model(_load(tmp / f"upcycle-top{k}"), ids)
     with torch.no_grad():
         reference = models["bundled[default] top-2"](ids).logits
         same_weights_diff = max(float((models[name](ids).logits - reference).abs().max())
-                                for name in models if name.endswith("top-2"))
+                                for name in models if name.endswith("top-2") and not name.startswith("floor"))
     for model in models.values():  # warm-up
         _time(model, ids)
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -114,6 +153,8 @@ def run(args) -> dict:
             "bundled_default_vs_best_mixtral": rows[default]["tokens_per_s"] / rows[best("mixtral")]["tokens_per_s"],
             "bundled_best_vs_best_mixtral": rows[best("bundled")]["tokens_per_s"] / rows[best("mixtral")]["tokens_per_s"],
             "bundled_default_vs_dense_time": rows[default]["best_s"] / rows["dense"]["best_s"],
+            "floor_vs_dense_time": rows[f"floor top-{k}"]["best_s"] / rows["dense"]["best_s"],
+            "bundled_default_vs_floor_time": rows[default]["best_s"] / rows[f"floor top-{k}"]["best_s"],
         }
     return {"settings": vars(args), "threads": torch.get_num_threads(), "tokens_per_forward": tokens,
             "default_implementation": defaults, "skipped": skipped,
@@ -150,7 +191,9 @@ def main() -> None:
     for k, s in result["summary"].items():
         print(f"{k}: bundled[default] / {s['best_mixtral']} throughput = {s['bundled_default_vs_best_mixtral']:.2f}x "
               f"({s['best_bundled']}: {s['bundled_best_vs_best_mixtral']:.2f}x); "
-              f"bundled[default] time / dense time = {s['bundled_default_vs_dense_time']:.2f}x")
+              f"bundled[default] time / dense time = {s['bundled_default_vs_dense_time']:.2f}x; "
+              f"floor / dense time = {s['floor_vs_dense_time']:.2f}x, "
+              f"bundled[default] / floor time = {s['bundled_default_vs_floor_time']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
