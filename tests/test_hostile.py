@@ -351,19 +351,24 @@ def test_free_space_checked_before_writing(tmp_path, llama, monkeypatch):
     assert "nothing was written" in line
 
 
-def test_huge_expert_count_refused_for_space_before_it_is_planned(tmp_path, llama, monkeypatch):
-
-    import upcycle.io.atomic as atomic
-
+@pytest.fixture
+def planned(monkeypatch) -> list[int]:
+    """The expert count of every plan convert makes (``make_plan`` patched where convert looks it up)."""
     convert_module = importlib.import_module("upcycle.convert")  # the module; ``upcycle.convert`` is the function
-    planned = []
+    counts: list[int] = []
     real = convert_module.make_plan
 
     def counting(config, infos, recipe, *args, **kwargs):
-        planned.append(recipe.num_experts)
+        counts.append(recipe.num_experts)
         return real(config, infos, recipe, *args, **kwargs)
 
     monkeypatch.setattr(convert_module, "make_plan", counting)
+    return counts
+
+
+def test_huge_expert_count_refused_for_space_before_it_is_planned(tmp_path, llama, monkeypatch, planned):
+    import upcycle.io.atomic as atomic
+
     monkeypatch.setattr(atomic, "free_bytes", lambda folder: 10**9)
     start = time.monotonic()
     line = refused(llama, tmp_path / "moe", "not enough free space", args=["-e", "1000000", "-k", "2"])
@@ -788,18 +793,9 @@ def test_dense_config_with_a_generation_top_k_is_not_an_moe_config(tmp_path, lla
                                                                          "num_experts_per_tok": [2, 5]}}, "config.json")
 
 
-def test_huge_expert_count_dry_run_is_estimated_without_planning_every_expert(tmp_path, llama, monkeypatch):
+def test_huge_expert_count_dry_run_is_estimated_without_planning_every_expert(tmp_path, llama, planned):
     """convert --dry-run -e 100000 planned every expert (77 s, 1.5 GB; a recipe with 10000000 experts would
     exhaust memory). Now it reports the sizes from two small plans, in bounded time and memory."""
-    convert_module = importlib.import_module("upcycle.convert")  # the module; ``upcycle.convert`` is the function
-    planned = []
-    real = convert_module.make_plan
-
-    def counting(config, infos, recipe, *args, **kwargs):
-        planned.append(recipe.num_experts)
-        return real(config, infos, recipe, *args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "make_plan", counting)
     out = tmp_path / "moe"
     result = run_cli("convert", llama, out, "-q", "--dry-run", "--json", "-e", "100000", "-k", "2")
     assert result.exit_code == 0, result.output
