@@ -140,8 +140,9 @@ _PER_EXPERT_FIELDS = ("total_params", "active_params", "output_bytes")  # active
 def estimate_summary(config: Any, infos: dict, recipe: Recipe) -> dict[str, Any]:
     """``plan.summary()`` of ``recipe`` without planning all its experts: every expert (one virtual group
     of them for ``split``) adds the same router rows and expert tensors, so the parameter counts (router
-    rows are active parameters too) and bytes are affine in the expert count, and two plans with the fewest experts the recipe allows give them (to
-    within the few header bytes that longer expert numbers take; the shard count as a lower bound).
+    rows are active parameters too) and bytes are affine in the expert count, and two plans with the fewest
+    experts the recipe allows give them (to within the few header bytes that longer expert numbers take; the
+    shard count as a lower bound).
     Planning memory and time grow with the expert count; this lets a huge ``--num-experts`` be refused
     for lack of space, or shown by ``--dry-run``, in bounded time and memory. ``estimated`` is set when
     the figures were extrapolated."""

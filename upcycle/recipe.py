@@ -59,6 +59,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_number(value: Any, where: str, minimum: Optional[float] = None, strict: bool = False) -> float:
+    """``value`` as a float: a finite number (not a bool or a text), and ``>= minimum`` (``>`` when ``strict``)
+    when a minimum is given. A NaN or infinite option would make a model of NaNs or fail deep inside a run;
+    ``where`` names the option or field in the :class:`RecipeError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"{where} must be a finite number, got {value!r}")
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        raise RecipeError(f"{where} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
 def check_field_types(recipe: "Recipe") -> None:
     """Each field holds a value of its declared type (recipe files can hold anything); numbers are finite.
 
@@ -74,8 +85,8 @@ def check_field_types(recipe: "Recipe") -> None:
             names = " or ".join(sorted({_TYPE_NAMES.get(k, k.__name__) for k in kinds}))
             raise RecipeError(f"recipe field '{f.name}' ({_flag(f.name)}) must be {names}, "
                               f"got {value!r} ({type(value).__name__})")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RecipeError(f"{_flag(f.name)} must be a finite number, got {value}")
+        if isinstance(value, float):
+            check_number(value, _flag(f.name))
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",

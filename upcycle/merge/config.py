@@ -7,14 +7,13 @@ A config is YAML or JSON; :func:`upcycle.merge.loading.load_config` also accepts
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..card import check_base_model
 from ..errors import RecipeError
-from ..recipe import DTYPES, MAX_SEED, parse_size
+from ..recipe import DTYPES, MAX_SEED, check_number, parse_size
 
 SHARED_WEIGHTS = ("base", "average")
 ROUTER_INITS = ("hidden", "embed", "domain", "normal", "uniform", "zeros")
@@ -102,7 +101,7 @@ class MergeConfig:
                               f"got {self.top_k!r}")
         if self.dtype not in DTYPES:
             raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        check_number(self.router_std, "router_std", strict=False)
+        check_number(self.router_std, "router_std", minimum=0)
         if not _integer(self.calibration_tokens) or self.calibration_tokens < 1:
             raise RecipeError(f"calibration_tokens must be an integer >= 1, got {self.calibration_tokens!r}")
         parse_size(self.max_shard_size)
@@ -144,16 +143,6 @@ def _optional_text(value: Any, where: str) -> None:
         raise RecipeError(f"{where} must be a string (a path, Hub id or revision), got {value!r}")
 
 
-def check_number(value: Any, where: str, strict: bool) -> float:
-    """``value`` as a float: a finite number, > 0 when ``strict`` else >= 0 (a NaN or infinite scale would write
-    a model of NaNs, and a text would fail deep inside the merge)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RecipeError(f"{where} must be a finite number, got {value!r}")
-    if value < 0 or (strict and value == 0):
-        raise RecipeError(f"{where} must be {'> 0' if strict else '>= 0'}, got {value!r}")
-    return float(value)
-
-
 def _check_expert(expert: ExpertSpec, where: str, router_init: str) -> None:
     if not isinstance(expert.source, str) or not expert.source:
         raise RecipeError(f"{where}.source: give the checkpoint (folder, .gguf file or Hub id) of this expert")
@@ -171,8 +160,8 @@ def _check_expert(expert: ExpertSpec, where: str, router_init: str) -> None:
     if router_init in DATA_ROUTERS and not expert.calibration:
         raise RecipeError(f"{where} ({expert.source}) has no calibration text, and router_init domain routes by "
                           "each expert's domain data: add 'calibration: PATH' (text, JSONL or a folder)")
-    check_number(expert.residual_scale, f"{where}.residual_scale", strict=True)
-    check_number(expert.noise_std, f"{where}.noise_std", strict=False)
+    check_number(expert.residual_scale, f"{where}.residual_scale", minimum=0, strict=True)
+    check_number(expert.noise_std, f"{where}.noise_std", minimum=0)
 
 
 EXPERT_KEYS = {"source", "prompts", "negative_prompts", "calibration", "revision", "residual_scale", "noise_std"}
@@ -204,8 +193,9 @@ def parse_expert(data: Any, where: str) -> ExpertSpec:
     return ExpertSpec(source=str(data["source"]), prompts=_strings(data.get("prompts"), f"{where}.prompts"),
                       negative_prompts=_strings(data.get("negative_prompts"), f"{where}.negative_prompts"),
                       calibration=data.get("calibration"), revision=data.get("revision"),
-                      residual_scale=check_number(data.get("residual_scale", 1.0), f"{where}.residual_scale", True),
-                      noise_std=check_number(data.get("noise_std", 0.0), f"{where}.noise_std", False))
+                      residual_scale=check_number(data.get("residual_scale", 1.0), f"{where}.residual_scale", 0,
+                                                  strict=True),
+                      noise_std=check_number(data.get("noise_std", 0.0), f"{where}.noise_std", 0))
 
 
 def parse_config(data: dict[str, Any]) -> MergeConfig:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import RecipeError
-from .config import ExpertSpec, MergeConfig, check_number
+from ..recipe import check_number
+from .config import ExpertSpec, MergeConfig
 
 #: mergekit gate_mode -> (upcycle router_init, router_std or None for the default)
 GATE_MODES = {"hidden": ("hidden", None), "hidden_avg": ("hidden", None), "cheap_embed": ("embed", None),
@@ -70,8 +71,9 @@ def _expert(data: Any, where: str, gate_mode: str) -> ExpertSpec:
     return ExpertSpec(source=source, revision=revision,
                       prompts=_prompts(data.get("positive_prompts"), f"{where}.positive_prompts"),
                       negative_prompts=_prompts(data.get("negative_prompts"), f"{where}.negative_prompts"),
-                      residual_scale=check_number(_given(data, "residual_scale", 1.0), f"{where}.residual_scale", True),
-                      noise_std=check_number(_given(data, "noise_scale", 0.0), f"{where}.noise_scale", False))
+                      residual_scale=check_number(_given(data, "residual_scale", 1.0), f"{where}.residual_scale", 0,
+                                                  strict=True),
+                      noise_std=check_number(_given(data, "noise_scale", 0.0), f"{where}.noise_scale", 0))
 
 
 def _given(data: dict[str, Any], key: str, default: float) -> Any:

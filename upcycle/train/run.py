@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
+from ..recipe import check_number
 from ..tokenizer import load_tokenizer
 from .data import load_packed
 from .moe_model import choose_seq_len, freeze_except, load_moe_config, parse_train_groups, router_layers, text_attr
@@ -58,10 +58,8 @@ class TrainOptions:
 
     def validate(self) -> "TrainOptions":
         for name in ("epochs", "learning_rate", "aux_loss_coef", "z_loss_coef", "weight_decay"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise RecipeError(f"{_flag(name)} must be a finite number, got {value!r}")
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), _flag(name))
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
