@@ -381,14 +381,14 @@ def test_huge_expert_count_refused_for_space_before_it_is_planned(tmp_path, llam
                                   dict(num_experts=300, top_k=3, method="split", granularity=4, shared_experts=1),
                                   dict(num_experts=301, top_k=1, max_shard_size="200KB")])
 def test_output_size_estimate_matches_the_plan(llama, args):
-    from upcycle.convert import build_recipe, estimate_output_bytes
+    from upcycle.convert import build_recipe, estimate_summary
     from upcycle.io import open_source
     from upcycle.plan import make_plan
 
     src = open_source(str(llama))
     config, recipe = src.load_config(), build_recipe(None, **args)
     actual = make_plan(config, src.infos, recipe).summary()["output_bytes"]
-    estimate = estimate_output_bytes(config, src.infos, recipe)
+    estimate = estimate_summary(config, src.infos, recipe)["output_bytes"]
     assert abs(estimate - actual) <= 64 * 1024 and abs(estimate - actual) / actual < 0.001, (estimate, actual)
 
 

@@ -128,11 +128,6 @@ def convert(source: str | Path, output: str | Path, recipe: Recipe | str | Path 
 MANY_EXPERTS = 256
 
 
-def estimate_output_bytes(config: Any, infos: dict, recipe: Recipe) -> int:
-    """About the bytes ``recipe`` writes, without planning all its experts (see :func:`estimate_summary`)."""
-    return estimate_summary(config, infos, recipe)["output_bytes"]
-
-
 #: summary fields that grow by the same amount with each expert (or virtual group of experts)
 _PER_EXPERT_FIELDS = ("total_params", "active_params", "output_bytes")  # active: the router rows
 
