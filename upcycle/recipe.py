@@ -55,7 +55,8 @@ def parse_size(value: int | str) -> int:
     return size
 
 
-def _flag(name: str) -> str:
+def option_flag(name: str) -> str:
+    """The command-line flag of an option or recipe field: ``learning_rate`` -> ``--learning-rate``."""
     return "--" + name.replace("_", "-")
 
 
@@ -83,10 +84,10 @@ def check_field_types(recipe: "Recipe") -> None:
         value, kinds = getattr(recipe, f.name), _KINDS.get(f.name) or _allowed(hints[f.name])
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join(sorted({_TYPE_NAMES.get(k, k.__name__) for k in kinds}))
-            raise RecipeError(f"recipe field '{f.name}' ({_flag(f.name)}) must be {names}, "
+            raise RecipeError(f"recipe field '{f.name}' ({option_flag(f.name)}) must be {names}, "
                               f"got {value!r} ({type(value).__name__})")
         if isinstance(value, float):
-            check_number(value, _flag(f.name))
+            check_number(value, option_flag(f.name))
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
@@ -230,7 +231,7 @@ class Recipe:
         foreign = [k for k, v in options.items()
                    if owners[k].name != method.name and v != owners[k].options.fields()[k]]
         if foreign:
-            flags = " and ".join(f"--{k.replace('_', '-')}" for k in foreign)
+            flags = " and ".join(option_flag(k) for k in foreign)
             owner = " / ".join(sorted({owners[k].name for k in foreign}))
             verb = "needs" if len(foreign) == 1 else "need"
             raise RecipeError(f"{flags} {verb} --method {owner} (got --method {method.name})")

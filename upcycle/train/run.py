@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint import library_versions, model_folder
 from ..errors import OutputExistsError, RecipeError, SourceNotFoundError
-from ..recipe import check_number
+from ..recipe import check_number, option_flag
 from ..tokenizer import load_tokenizer
 from .data import load_packed
 from .moe_model import choose_seq_len, freeze_except, load_moe_config, parse_train_groups, router_layers, text_attr
@@ -59,26 +59,22 @@ class TrainOptions:
     def validate(self) -> "TrainOptions":
         for name in ("epochs", "learning_rate", "aux_loss_coef", "z_loss_coef", "weight_decay"):
             if getattr(self, name) is not None:
-                check_number(getattr(self, name), _flag(name))
+                check_number(getattr(self, name), option_flag(name))
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
-                raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise RecipeError(f"{option_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
             raise RecipeError("give --max-steps > 0 or --epochs > 0")
         if self.learning_rate <= 0 or self.warmup < 0:
             raise RecipeError("--learning-rate must be > 0 and --warmup >= 0")
         for name in ("aux_loss_coef", "z_loss_coef", "weight_decay"):
             if (getattr(self, name) or 0) < 0:
-                raise RecipeError(f"--{name.replace('_', '-')} must be >= 0")
+                raise RecipeError(f"{option_flag(name)} must be >= 0")
         owned = sorted(k for k in self.extra_args if k in OPTION_OWNED_ARGS)
         if owned:
             raise RecipeError(f"extra_args sets {', '.join(owned)}, which TrainOptions sets already; use "
                               + ", ".join(f"TrainOptions.{OPTION_OWNED_ARGS[k]}" for k in owned) + " instead")
         return self
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
